@@ -1,0 +1,307 @@
+"""Bind addresses: the grammar, socket creation, inherited descriptors and systemd activation.
+
+``parse_address`` is pure (text in, address out); ``bind`` turns an address into bound,
+listening sockets and closes whatever it opened if any step fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import socket
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Address",
+    "FdAddress",
+    "Listener",
+    "TCPAddress",
+    "UDPAddress",
+    "UnixAddress",
+    "bind",
+    "format_sockaddr",
+    "parse_address",
+    "systemd_listeners",
+]
+
+SD_LISTEN_FDS_START = 3
+
+
+@dataclass(frozen=True)
+class TCPAddress:
+    host: str | None  # None: every interface, dual-stack
+    port: int
+
+
+@dataclass(frozen=True)
+class UDPAddress:
+    host: str | None
+    port: int
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: str  # a leading "@" is a Linux abstract name
+    datagram: bool = False
+
+    @property
+    def abstract(self) -> bool:
+        return self.path.startswith("@")
+
+    @property
+    def sockaddr(self) -> str:
+        return "\0" + self.path[1:] if self.abstract else self.path
+
+
+@dataclass(frozen=True)
+class FdAddress:
+    fd: int
+    name: str | None = None
+
+
+Address = TCPAddress | UDPAddress | UnixAddress | FdAddress
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^\[\]:/\s]*)):(?P<port>\d{1,5})$")
+
+
+def _host_port(text: str, original: str) -> tuple[str | None, int]:
+    match = _HOST_PORT.match(text)
+    if not match:
+        raise ValueError(f"{original!r} is not an address (expected HOST:PORT, [V6]:PORT or :PORT)")
+    port = int(match.group("port"))
+    if port > 65535:
+        raise ValueError(f"{original!r}: port {port} is out of range 0-65535")
+    host = match.group("v6") or match.group("host") or None
+    return host, port
+
+
+def parse_address(text: str) -> Address:
+    """Parse one ``--bind`` value; raise ValueError saying what is wrong with it."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{text!r} is not an address")
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        if scheme == "tcp":
+            return TCPAddress(*_host_port(rest, text))
+        if scheme == "udp":
+            return UDPAddress(*_host_port(rest, text))
+        if scheme == "fd":
+            if not rest.isdigit():
+                raise ValueError(f"{text!r}: fd:// needs a descriptor number")
+            return FdAddress(int(rest))
+        raise ValueError(f"{text!r}: unknown scheme {scheme!r} (tcp, udp, unix, unix-dgram, fd)")
+    for prefix, datagram in (("unix-dgram:", True), ("unix:", False)):
+        if text.startswith(prefix):
+            path = text[len(prefix) :]
+            if not path or path == "@":
+                raise ValueError(f"{text!r}: missing socket path")
+            if "\0" in path:
+                raise ValueError(f"{text!r}: NUL in socket path")
+            return UnixAddress(path, datagram)
+    return TCPAddress(*_host_port(text, text))
+
+
+def format_sockaddr(family: int, sockaddr: object, datagram: bool = False) -> str:
+    """The URL a bound socket is reported under: ``tcp://127.0.0.1:40123``, ``unix:/x.sock``."""
+    if family == socket.AF_UNIX:
+        if isinstance(sockaddr, bytes):
+            sockaddr = sockaddr.decode("utf-8", "surrogateescape")
+        path = str(sockaddr)
+        if path.startswith("\0"):
+            path = "@" + path[1:]
+        return ("unix-dgram:" if datagram else "unix:") + path
+    assert isinstance(sockaddr, tuple)
+    host, port = sockaddr[0], sockaddr[1]
+    scheme = "udp" if datagram else "tcp"
+    if family == socket.AF_INET6:
+        return f"{scheme}://[{host}]:{port}"
+    return f"{scheme}://{host}:{port}"
+
+
+@dataclass(eq=False)
+class Listener:
+    """A bound socket the server serves: stream (listening) or datagram."""
+
+    sock: socket.socket
+    datagram: bool
+    url: str
+    unix_path: str | None = None  # a socket file sockserve created and removes on close
+    _inode: tuple[int, int] | None = field(default=None, repr=False)
+
+    @property
+    def family(self) -> int:
+        return self.sock.family
+
+    def close(self) -> None:
+        """Close the socket and remove the socket file if it is still the one we made."""
+        if self.unix_path and self._inode:
+            with contextlib.suppress(OSError):
+                st = os.stat(self.unix_path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.unix_path)
+        self.sock.close()
+
+
+def _listener(sock: socket.socket, datagram: bool) -> Listener:
+    return Listener(sock, datagram, format_sockaddr(sock.family, sock.getsockname(), datagram))
+
+
+@contextlib.contextmanager
+def _closing_on_error(socks: list[socket.socket]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def _resolve(host: str | None, port: int, type_: int) -> list[tuple[int, tuple[object, ...]]]:
+    if host is None:
+        if socket.has_ipv6:
+            return [(socket.AF_INET6, ("::", port))]
+        return [(socket.AF_INET, ("0.0.0.0", port))]
+    try:
+        infos = socket.getaddrinfo(host, port, 0, type_, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host!r}: {exc.strerror}") from None
+    seen: list[tuple[int, tuple[object, ...]]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr) not in seen:
+            seen.append((family, tuple(sockaddr)))
+    return seen
+
+
+def _bind_inet(
+    host: str | None, port: int, datagram: bool, backlog: int, reuse_port: bool
+) -> list[Listener]:
+    type_ = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
+    socks: list[socket.socket] = []
+    with _closing_on_error(socks):
+        for family, sockaddr in _resolve(host, port, type_):
+            if port == 0 and socks:  # one ephemeral port for every address of the host
+                sockaddr = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])
+            sock = socket.socket(family, type_)
+            socks.append(sock)
+            if not datagram:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # Dual-stack only for the wildcard address; an explicit v6 address stays v6.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host is None else 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                shown = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
+                raise OSError(exc.errno, f"cannot bind {shown}:{sockaddr[1]}: {exc.strerror}") from None
+            if not datagram:
+                sock.listen(backlog)
+            sock.setblocking(False)
+        return [_listener(s, datagram) for s in socks]
+
+
+def _remove_stale_unix_socket(path: str, type_: int) -> None:
+    """Remove a socket file nobody listens on; refuse to touch anything else."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EADDRINUSE, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, type_)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: left behind by a server that is gone
+        return
+    except OSError as exc:
+        if exc.errno == errno.EPROTOTYPE:  # a socket of the other type: someone's file
+            raise OSError(errno.EADDRINUSE, f"{path} is in use by another socket") from None
+        raise
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
+
+
+def _bind_unix(address: UnixAddress, backlog: int, mode: int | None) -> Listener:
+    type_ = socket.SOCK_DGRAM if address.datagram else socket.SOCK_STREAM
+    if not address.abstract:
+        _remove_stale_unix_socket(address.path, type_)
+    sock = socket.socket(socket.AF_UNIX, type_)
+    with _closing_on_error([sock]):
+        old_umask = os.umask(0o777 & ~mode) if mode is not None and not address.abstract else None
+        try:
+            sock.bind(address.sockaddr)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot bind unix:{address.path}: {exc.strerror}") from None
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+        listener = _listener(sock, address.datagram)
+        if not address.abstract:
+            if mode is not None:
+                os.chmod(address.path, mode)
+            st = os.stat(address.path)
+            listener.unix_path = address.path
+            listener._inode = (st.st_dev, st.st_ino)
+        if not address.datagram:
+            sock.listen(backlog)
+        sock.setblocking(False)
+        return listener
+
+
+def adopt_fd(fd: int, backlog: int) -> Listener:
+    """Serve an inherited, already-bound socket (``fd://N`` or systemd)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"fd://{fd} is not a usable socket: {exc.strerror}") from None
+    with _closing_on_error([sock]):
+        datagram = sock.type == socket.SOCK_DGRAM
+        if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            raise OSError(errno.ENOTSOCK, f"fd://{fd} is neither a stream nor a datagram socket")
+        if not datagram and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(backlog)
+        sock.setblocking(False)
+        return _listener(sock, datagram)
+
+
+def bind(
+    address: Address, *, backlog: int, reuse_port: bool = False, unix_mode: int | None = None
+) -> list[Listener]:
+    """Create, bind and listen; one address may give several sockets (a name with v4 and v6)."""
+    if isinstance(address, TCPAddress):
+        return _bind_inet(address.host, address.port, False, backlog, reuse_port)
+    if isinstance(address, UDPAddress):
+        return _bind_inet(address.host, address.port, True, backlog, reuse_port)
+    if isinstance(address, UnixAddress):
+        return [_bind_unix(address, backlog, unix_mode)]
+    return [adopt_fd(address.fd, backlog)]
+
+
+def systemd_listeners(environ: Mapping[str, str] | None = None) -> list[FdAddress]:
+    """The sockets systemd passed to this process (LISTEN_FDS), or [] if none.
+
+    See sd_listen_fds(3): the variables count only when LISTEN_PID is our pid.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        if int(environ.get("LISTEN_PID", "")) != os.getpid():
+            return []
+        count = int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
+    result = []
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        result.append(FdAddress(fd, names[i] if i < len(names) else None))
+    return result

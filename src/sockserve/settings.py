@@ -1,0 +1,417 @@
+"""The one settings object: Python keyword arguments, CLI flags and SOCKSERVE_* variables.
+
+Every setting is declared once, in ``Settings``; the CLI flags, the environment
+variables and the settings reference in ``docs/settings.md`` are generated from it.
+Values arrive as Python objects (``serve(max_line=4096)``) or strings (``--max-line 4k``,
+``SOCKSERVE_MAX_LINE=4k``) and go through the same converter, so a bad value fails
+the same way everywhere: one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SETTINGS", "Setting", "Settings", "SettingsError", "env_settings", "markdown_reference"]
+
+ENV_PREFIX = "SOCKSERVE_"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting and is one line."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# Converters take a str (CLI, environment) or a Python value (API) and return the typed
+# value, raising ValueError with a short reason.
+
+
+def _to_int(value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not an integer")
+    if isinstance(value, int):
+        result = value
+    else:
+        text = str(value).strip().replace("_", "")
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(f"{value!r} is not an integer")
+        result = int(text)
+    if result < minimum:
+        raise ValueError(f"{result} is below the minimum of {minimum}")
+    return result
+
+
+def positive_int(value: object) -> int:
+    return _to_int(value, minimum=1)
+
+
+def non_negative_int(value: object) -> int:
+    return _to_int(value, minimum=0)
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def byte_size(value: object) -> int:
+    """A positive byte count: ``4096``, ``64k``, ``1M`` (binary multiples)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return positive_int(value)
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{value!r} is not a byte size (examples: 4096, 64k, 1M)")
+    return positive_int(int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def duration(value: object) -> float:
+    """Seconds, >= 0: ``30``, ``2.5``, ``500ms``, ``1m``; 0 turns the timeout off."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (examples: 30, 2.5, 500ms, 1m)")
+        scale = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+        seconds = float(match.group(1)) * scale
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{value!r} is not a duration >= 0")
+    return seconds
+
+
+def boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+def optional_str(value: object) -> str | None:
+    if value is None:
+        return None
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    return text or None
+
+
+def choice(*options: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return text
+
+    convert.__doc__ = " | ".join(options)
+    return convert
+
+
+def file_mode(value: object) -> int | None:
+    """An octal permission mode such as ``660`` or ``0o600``."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        text = str(value).strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", text):
+            raise ValueError(f"{value!r} is not an octal mode (example: 660)")
+        mode = int(text, 8)
+    if not 0 <= mode <= 0o7777:
+        raise ValueError(f"{value!r} is not a file mode")
+    return mode
+
+
+def _split_list(value: object) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part for part in re.split(r"[\s,]+", value) if part]
+    if isinstance(value, Iterable):
+        return list(value)
+    return [value]
+
+
+def networks(value: object) -> tuple[Network, ...]:
+    """CIDR blocks (``10.0.0.0/8``, ``::1``); a comma- or space-separated string works too."""
+    result = []
+    for item in _split_list(value):
+        try:
+            result.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network (example: 10.0.0.0/8)") from None
+    return tuple(result)
+
+
+def bind_list(value: object) -> tuple[str, ...]:
+    """Bind addresses, checked against the grammar in ``sockserve.binding``."""
+    from sockserve.binding import parse_address
+
+    result = []
+    for item in _split_list(value):
+        text = str(item).strip()
+        parse_address(text)  # raises ValueError naming what is wrong
+        result.append(text)
+    return tuple(result)
+
+
+def host_port(value: object) -> str | None:
+    """``HOST:PORT`` for a TCP listener, or None for off."""
+    if value is None or value == "":
+        return None
+    from sockserve.binding import TCPAddress, parse_address
+
+    address = parse_address(str(value).strip())
+    if not isinstance(address, TCPAddress):
+        raise ValueError(f"{value!r} must be a TCP address such as 127.0.0.1:9100")
+    return str(value).strip()
+
+
+def _setting(
+    default: Any,
+    convert: Callable[[object], Any],
+    help: str,
+    *,
+    metavar: str | None = None,
+    repeatable: bool = False,
+    flag: bool = False,
+) -> Any:
+    meta = {"convert": convert, "help": help, "metavar": metavar, "repeatable": repeatable}
+    meta["flag"] = flag
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server can be told. Build it with keywords, from the CLI or the environment.
+
+    Unknown keywords raise TypeError; bad values raise SettingsError naming the setting.
+    """
+
+    bind: tuple[str, ...] = _setting(
+        (),
+        bind_list,
+        "Address to listen on; repeatable. HOST:PORT, tcp://HOST:PORT, :PORT (all interfaces,"
+        " dual-stack), [V6]:PORT, udp://HOST:PORT, unix:/PATH, unix:@NAME, unix-dgram:/PATH,"
+        " fd://N. None given: systemd socket activation if LISTEN_FDS is set, else"
+        " 127.0.0.1:9999.",
+        metavar="ADDRESS",
+        repeatable=True,
+    )
+    workers: int = _setting(
+        1, positive_int, "Worker processes; 1 serves in this process with no supervisor."
+    )
+    loop: str = _setting(
+        "auto", choice("auto", "uvloop", "asyncio"), "Event loop: uvloop if importable (auto)."
+    )
+    threads: int = _setting(
+        128,
+        positive_int,
+        "Threads for blocking (socketserver-style) handlers; at the limit accepting waits.",
+    )
+    max_connections: int = _setting(
+        10_000,
+        positive_int,
+        "Open connections per worker; at the limit accepting pauses and the kernel backlog"
+        " holds new clients.",
+    )
+    backlog: int = _setting(4096, positive_int, "Listen backlog (capped by net.core.somaxconn).")
+    idle_timeout: float = _setting(
+        300.0, duration, "Close a connection that sent nothing for this long; 0 never."
+    )
+    max_line: int = _setting(
+        65536,
+        byte_size,
+        "Longest line a line or stream handler reads; a longer one closes the connection.",
+        metavar="BYTES",
+    )
+    max_datagram: int = _setting(
+        65507, byte_size, "Largest datagram accepted; larger ones are dropped and logged."
+    )
+    graceful_timeout: float = _setting(
+        30.0,
+        duration,
+        "On SIGTERM/SIGINT, how long open connections may finish before they are closed.",
+    )
+    handshake_timeout: float = _setting(
+        10.0, duration, "Time a new connection has to send its PROXY header and finish TLS."
+    )
+    tls_cert: str | None = _setting(
+        None, optional_str, "PEM certificate chain; turns TLS on.", metavar="PATH"
+    )
+    tls_key: str | None = _setting(
+        None, optional_str, "PEM private key (default: in the certificate file).", metavar="PATH"
+    )
+    tls_client_ca: str | None = _setting(
+        None,
+        optional_str,
+        "PEM CA bundle; clients must present a certificate it signed (mutual TLS).",
+        metavar="PATH",
+    )
+    tls_min_version: str = _setting("1.2", choice("1.2", "1.3"), "Oldest TLS version accepted.")
+    proxy_protocol: str = _setting(
+        "off",
+        choice("off", "v1", "v2", "any"),
+        "Expect a PROXY protocol header (HAProxy) before any data; never guessed when off.",
+    )
+    proxy_from: tuple[Network, ...] = _setting(
+        (),
+        networks,
+        "Peers allowed to send a PROXY header (CIDR); repeatable. Empty: any peer.",
+        metavar="CIDR",
+        repeatable=True,
+    )
+    allow: tuple[Network, ...] = _setting(
+        (),
+        networks,
+        "Serve only clients in these networks (CIDR); repeatable. Empty: everyone.",
+        metavar="CIDR",
+        repeatable=True,
+    )
+    deny: tuple[Network, ...] = _setting(
+        (),
+        networks,
+        "Refuse clients in these networks (CIDR); repeatable; checked after --allow.",
+        metavar="CIDR",
+        repeatable=True,
+    )
+    reuse_port: bool = _setting(
+        False, boolean, "Each worker gets its own SO_REUSEPORT socket.", flag=True
+    )
+    unix_mode: int | None = _setting(
+        None, file_mode, "Permissions of Unix socket files, octal (default: from umask).",
+        metavar="MODE",
+    )
+    user: str | None = _setting(None, optional_str, "Drop to this user after binding.")
+    group: str | None = _setting(None, optional_str, "Drop to this group after binding.")
+    log_level: str = _setting(
+        "info", choice("debug", "info", "warning", "error", "critical"), "Log level."
+    )
+    log_format: str = _setting("text", choice("text", "json"), "Log format.")
+    access_log: bool = _setting(
+        False, boolean, "Log one record per connection (logger sockserve.access).", flag=True
+    )
+    metrics: str | None = _setting(
+        None,
+        host_port,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics.",
+        metavar="HOST:PORT",
+    )
+    reload: bool = _setting(
+        False,
+        boolean,
+        "Development: restart workers when a .py file under the current directory changes.",
+        flag=True,
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            raw = getattr(self, f.name)
+            try:
+                value = f.metadata["convert"](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{describe(f.name)}: {exc}") from None
+            object.__setattr__(self, f.name, value)
+        if self.tls_key and not self.tls_cert:
+            raise SettingsError(f"{describe('tls_key')}: needs --tls-cert as well")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError(f"{describe('tls_client_ca')}: needs --tls-cert as well")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some settings changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the CLI, the environment and the docs need to know of one setting."""
+
+    name: str
+    default: Any
+    help: str
+    metavar: str | None
+    repeatable: bool
+    flag: bool
+    convert: Callable[[object], Any]
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _settings() -> tuple[Setting, ...]:
+    result = []
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        m = f.metadata
+        result.append(
+            Setting(f.name, default, m["help"], m["metavar"], m["repeatable"], m["flag"], m["convert"])
+        )
+    return tuple(result)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def describe(name: str) -> str:
+    """How an error names a setting: ``max_line (--max-line, SOCKSERVE_MAX_LINE)``."""
+    s = _BY_NAME[name]
+    return f"{name} ({s.option}, {s.env})"
+
+
+def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The SOCKSERVE_* variables that name a setting, as raw strings by setting name."""
+    environ = os.environ if environ is None else environ
+    return {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+
+
+def _show_default(value: object) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value) or "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def markdown_reference() -> str:
+    """The settings reference, as written to docs/settings.md."""
+    lines = [
+        "# Settings reference",
+        "",
+        "Generated from `sockserve.settings.Settings` by `sockserve settings`; do not edit.",
+        "",
+        "Each setting is a keyword of `sockserve.serve()` and `Settings()`, a flag of"
+        " `sockserve run`, and an environment variable. Flags beat the environment, which"
+        " beats the defaults. Lists in the environment are comma- or space-separated.",
+        "",
+        "| keyword | flag | environment | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in SETTINGS:
+        flag = s.option if s.flag else f"{s.option} {s.metavar or s.name.upper()}"
+        if s.repeatable:
+            flag += " (repeatable)"
+        default = _show_default(s.default).replace("|", "\\|")
+        meaning = s.help.replace("|", "\\|")
+        lines.append(f"| `{s.name}` | `{flag}` | `{s.env}` | `{default}` | {meaning} |")
+    return "\n".join(lines) + "\n"

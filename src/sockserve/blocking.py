@@ -1,0 +1,225 @@
+"""Blocking socketserver-style handlers under the event-loop server, on a bounded pool.
+
+Each connection gets a real blocking socket and a thread from the pool for its lifetime,
+and the handler class is called exactly as socketserver calls it:
+``Handler(request, client_address, server)``. When every thread is busy the server stops
+accepting, so clients wait in the kernel backlog rather than in an unbounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sockserve.binding import Listener
+    from sockserve.server import Server
+
+__all__ = ["BlockingPool", "is_blocking_handler"]
+
+logger = logging.getLogger("sockserve.server")
+
+_SOCKETSERVER_MODULES = frozenset({"socketserver", "sockserve.socketserver"})
+
+
+def is_blocking_handler(cls: type) -> bool:
+    """True for subclasses of BaseRequestHandler, from the stdlib or sockserve.socketserver."""
+    return any(
+        base.__name__ == "BaseRequestHandler" and base.__module__ in _SOCKETSERVER_MODULES
+        for base in cls.__mro__
+    )
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts the bytes it moves, for the access log and metrics."""
+
+    bytes_in = 0
+    bytes_out = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self.bytes_in += len(data)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        n = super().recv_into(buffer, nbytes, flags)
+        self.bytes_in += n
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        n = super().send(data, flags)
+        self.bytes_out += n
+        return n
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        super().sendall(data, flags)
+        self.bytes_out += memoryview(data).nbytes
+
+
+class BlockingDatagramSocket:
+    """The listener socket as a blocking DatagramRequestHandler expects it.
+
+    The real socket is non-blocking (the event loop reads it); ``sendto`` waits for room
+    instead of raising BlockingIOError. Everything else is the socket's own.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        while True:
+            try:
+                return self._sock.sendto(data, *args)
+            except BlockingIOError:
+                select.select([], [self._sock], [], 1.0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class BlockingPool:
+    """Runs blocking handlers on at most ``threads`` threads."""
+
+    def __init__(self, server: Server, threads: int) -> None:
+        self.server = server
+        self.threads = threads
+        self.busy = 0  # touched only in the event loop thread
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="sockserve-handler")
+        self.loop = server.loop
+        self._active: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        settings = server.settings
+        self._count = settings.access_log or settings.metrics is not None
+
+    @property
+    def full(self) -> bool:
+        return self.busy >= self.threads
+
+    def submit_stream(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: Any,
+        context: ssl.SSLContext | None,
+    ) -> None:
+        self.busy += 1
+        if self._count:
+            conn = CountingSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
+        self.executor.submit(self._run_stream, conn, address, listener, proxy, context)
+
+    def _run_stream(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: Any,
+        context: ssl.SSLContext | None,
+    ) -> None:
+        server = self.server
+        settings = server.settings
+        started = time.monotonic()
+        reason = "eof"
+        request: socket.socket = conn
+        with self._lock:
+            self._active.add(conn)
+        try:
+            conn.setblocking(True)
+            if context is not None:
+                conn.settimeout(settings.handshake_timeout)
+                try:
+                    request = context.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    reason = "TLS handshake failed"
+                    self.loop.call_soon_threadsafe(server.stats.rejected, "tls")
+                    server._reject_log("TLS handshake failed for %s: %s", address, exc)
+                    return
+            request.settimeout(settings.idle_timeout or None)
+            handler = server.handler_class.__new__(server.handler_class)
+            handler.proxy = proxy
+            handler.listener = listener.url
+            handler.__init__(request, address, server)
+        except TimeoutError:
+            reason = "idle timeout"
+            logger.info("closing %s: idle for %.1f s", address, settings.idle_timeout)
+        except OSError as exc:
+            reason = f"error: {exc}"
+            logger.debug("connection from %s ended: %s", address, exc)
+        except Exception as exc:
+            reason = "handler error"
+            self.loop.call_soon_threadsafe(server._handler_error, address, exc)
+        finally:
+            with self._lock:
+                self._active.discard(conn)
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_WR)  # as socketserver's shutdown_request
+            request.close()
+            counted = conn if isinstance(conn, CountingSocket) else None
+            self.loop.call_soon_threadsafe(
+                self._stream_done, address, listener, started, counted, reason
+            )
+
+    def _stream_done(
+        self,
+        address: Any,
+        listener: Listener,
+        started: float,
+        counted: CountingSocket | None,
+        reason: str,
+    ) -> None:
+        from sockserve.observability import log_access
+
+        was_full = self.full
+        self.busy -= 1
+        server = self.server
+        bytes_in = counted.bytes_in if counted else 0
+        bytes_out = counted.bytes_out if counted else 0
+        server.stats.connection_closed(bytes_in, bytes_out)
+        if server.settings.access_log:
+            log_access(
+                address, listener.url, time.monotonic() - started, bytes_in, bytes_out, reason
+            )
+        server._closed_one()
+        if was_full:
+            server._update_accepting()
+
+    def submit_datagram(self, data: bytes, address: Any, sock: socket.socket) -> None:
+        self.busy += 1
+        self.executor.submit(self._run_datagram, data, address, sock)
+
+    def _run_datagram(self, data: bytes, address: Any, sock: socket.socket) -> None:
+        try:
+            self.server.handler_class((data, BlockingDatagramSocket(sock)), address, self.server)
+        except Exception as exc:
+            self.loop.call_soon_threadsafe(self.server._handler_error, address, exc)
+        finally:
+            self.loop.call_soon_threadsafe(self._datagram_done)
+
+    def _datagram_done(self) -> None:
+        was_full = self.full
+        self.busy -= 1
+        if was_full:
+            self.server._update_accepting()
+
+    def release_all(self) -> None:
+        """Unblock handlers stuck reading: their sockets see end of stream (shutdown time)."""
+        with self._lock:
+            for conn in self._active:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for running handlers to return."""
+        done = asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+        try:
+            await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:
+            logger.warning("%d handler thread(s) still running at exit", self.busy)

@@ -1,0 +1,166 @@
+"""The ``sockserve`` command: run, demo, client, bench, settings.
+
+Every setting's flag is generated from ``sockserve.settings.Settings``; flags beat
+``SOCKSERVE_*`` variables, which beat the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from sockserve import __version__
+from sockserve.settings import SETTINGS, Settings, SettingsError, env_settings, markdown_reference
+
+__all__ = ["main"]
+
+PROG = "sockserve"
+
+
+class UsageError(Exception):
+    """A one-line error for the user: printed without a traceback, exit status 2."""
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also SOCKSERVE_<NAME> in the environment)")
+    for s in SETTINGS:
+        if s.flag:
+            group.add_argument(
+                s.option, action=argparse.BooleanOptionalAction, default=None, help=s.help
+            )
+        else:
+            group.add_argument(
+                s.option,
+                *(["-b"] if s.name == "bind" else []),
+                action="append" if s.repeatable else "store",
+                default=None,
+                metavar=s.metavar or s.name.upper(),
+                help=s.help,
+            )
+
+
+def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Defaults, then the environment, then the command line."""
+    values: dict[str, Any] = dict(env_settings())
+    for s in SETTINGS:
+        value = getattr(args, s.name, None)
+        if value is not None:
+            values[s.name] = value
+    values.update(overrides)
+    return Settings(**values)
+
+
+def import_handler(path: str) -> type:
+    """``package.module:Attr`` -> the object, with the current directory importable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"handler {path!r} must look like MODULE:ATTRIBUTE")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(f"cannot import {module_name!r}: no module named {exc.name!r}") from None
+        raise
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, type):
+        raise UsageError(f"{path!r} is not a class")
+    return obj
+
+
+def _serve(handler: type, settings: Settings) -> int:
+    from sockserve.observability import configure_logging
+    from sockserve.server import HandlerKindError, handler_kind
+    from sockserve.supervisor import serve
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        handler_kind(handler)
+    except HandlerKindError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        serve(handler, settings)
+    except HandlerKindError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        logging.getLogger("sockserve.server").error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    handler = import_handler(args.handler)
+    return _serve(handler, settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sockserve.examples.uppercase import Uppercase
+
+    return _serve(Uppercase, settings_from(args))
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    sys.stdout.write(markdown_reference())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="socketserver-style servers, ready for production."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="serve a handler class: sockserve run MODULE:CLASS")
+    run.add_argument("handler", metavar="MODULE:CLASS", help="the handler class to serve")
+    add_settings_arguments(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = commands.add_parser("demo", help="the uppercase echo server (default 127.0.0.1:9999)")
+    add_settings_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    for name, help_text in (
+        ("client", "interactive line client: sockserve client ADDRESS"),
+        ("bench", "line-protocol load generator: sockserve bench ADDRESS"),
+    ):
+        try:
+            module: Any = importlib.import_module(f"sockserve.{name}")
+        except ImportError:
+            continue
+        sub = commands.add_parser(name, help=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+
+    settings = commands.add_parser("settings", help="print the settings reference (Markdown)")
+    settings.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (UsageError, SettingsError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return code

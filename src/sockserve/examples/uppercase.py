@@ -1,0 +1,12 @@
+"""The tutorial's uppercase echo server on the line-handler fast path (``sockserve demo``)."""
+
+from __future__ import annotations
+
+from sockserve.handlers import LineHandler
+
+
+class Uppercase(LineHandler):
+    """Answers each line with its uppercase, on TCP, Unix sockets and datagrams alike."""
+
+    def handle_line(self, line: bytes) -> bytes:
+        return line.upper()

@@ -1,0 +1,457 @@
+"""Async handler bases: stream (one task per connection), line (the fast path), datagram.
+
+Each stream or line handler instance is also the asyncio Protocol of its connection, so a
+connection costs one Python object and a line costs one plain method call. Attributes
+whose names start with ``_`` are the framework's; handlers use the public ones:
+``server``, ``client_address``, ``listener``, ``proxy``, and the methods below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sockserve.framing import LineFramer, LineTooLong
+
+if TYPE_CHECKING:
+    from sockserve.proxy_protocol import ProxyHeader
+    from sockserve.server import Server
+
+__all__ = ["DatagramHandler", "LineHandler", "LineTooLong", "StreamHandler"]
+
+logger = logging.getLogger("sockserve.server")
+
+# A reader that is this far behind the peer stops reading from the socket until it
+# catches up (on top of the line limit, so one full line always fits).
+READ_AHEAD = 256 * 1024
+# Above this many buffered outgoing bytes the peer counts as not reading: the server
+# stops reading from it (line handlers) or drain() waits (stream handlers).
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    """What every connection handler has: addresses, counters, write and close."""
+
+    server: Server
+    client_address: Any
+    listener: str
+    proxy: ProxyHeader | None = None
+    _transport: asyncio.Transport
+    _max_line: int
+    _close_reason: str | None = None
+    _closed: bool = False
+    _writing_paused: bool = False
+    _drain_waiter: asyncio.Future[None] | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    _opened: float = 0.0
+    _idle_mark: tuple[float, int] = (0.0, 0)  # (when, bytes_in then), for the idle sweep
+
+    def _attach(self, server: Server, client_address: Any, listener: str) -> None:
+        self.server = server
+        self.client_address = client_address
+        self.listener = listener
+        self._max_line = server.settings.max_line
+
+    # socketserver-style hooks
+    def setup(self) -> Any:
+        """Called once the connection is up, before any data is handled."""
+
+    def finish(self) -> Any:
+        """Called once the connection is over, whatever the reason."""
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer (see ``drain`` for backpressure)."""
+        if not self._closed:
+            self.bytes_out += len(data)
+            self._transport.write(data)
+
+    def close(self) -> None:
+        """Close the connection once queued bytes are sent."""
+        self._set_reason("closed by handler")
+        self._transport.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Transport details: ``peercert``, ``ssl_object``, ``sockname``, ``socket``..."""
+        return self._transport.get_extra_info(name, default)
+
+    def _set_reason(self, reason: str) -> None:
+        if self._close_reason is None:
+            self._close_reason = reason
+
+    def _abort(self, reason: str) -> None:
+        self._set_reason(reason)
+        self._transport.abort()
+
+    def _handler_error(self, exc: BaseException) -> None:
+        self.server._handler_error(self.client_address, exc)
+        self._set_reason("handler error")
+        self._transport.close()
+
+    def _line_too_long(self) -> None:
+        logger.warning(
+            "closing %s: line longer than %d bytes", self.client_address, self._max_line
+        )
+        self._abort("line too long")
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        self.server._connection_made(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._set_reason("eof" if exc is None else f"error: {exc}")
+        self._wake_drain()
+        self.server._connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drain()
+
+    async def _wait_writable(self) -> None:
+        if self._writing_paused and not self._closed:
+            waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    def _wake_drain(self) -> None:
+        if (waiter := self._drain_waiter) is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class LineHandler(_Connection):
+    """Fast path: ``handle_line`` is called for each line; what it returns is sent back.
+
+    The line keeps its ``b"\\n"``. Return bytes to reply, or None for no reply. Define
+    ``handle_line`` as ``async def`` and lines are awaited one at a time, in order. A line
+    longer than ``max_line`` closes the connection. A handler that raises is logged with
+    its traceback and the connection is closed; other connections carry on.
+
+    On a datagram listener each datagram is handed to ``handle_line`` whole.
+    """
+
+    _async: ClassVar[bool] = False
+    _framer: LineFramer | None = None  # created only once a line arrives in pieces
+    _queue: deque[bytes] | None = None
+    _task: asyncio.Task[None] | None = None
+    _eof: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._async = inspect.iscoroutinefunction(cls.handle_line)
+
+    def handle_line(self, line: bytes) -> bytes | None | Awaitable[bytes | None]:
+        """Answer one line; the default echoes it."""
+        return line
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        try:
+            self.setup()
+        except Exception as exc:
+            self._handler_error(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        # Fast path: nothing buffered and the chunk is exactly one line, the usual case
+        # for request/response traffic. Same outcome as the framer, without its calls.
+        if self._framer is None and not self._async:
+            end = data.find(b"\n")
+            if end == len(data) - 1 and end < self._max_line:
+                try:
+                    reply = self.handle_line(data)
+                except Exception as exc:
+                    self._handler_error(exc)
+                    return
+                if reply is not None:
+                    self.bytes_out += len(reply)  # type: ignore[arg-type]
+                    self._transport.write(reply)  # type: ignore[arg-type]
+                return
+        if self._framer is None:
+            self._framer = LineFramer(self._max_line)
+        try:
+            self._framer.feed(data)
+        except LineTooLong:
+            self._dispatch_lines()
+            self._line_too_long()
+            return
+        self._dispatch_lines()
+
+    def _dispatch_lines(self) -> None:
+        framer = self._framer
+        assert framer is not None
+        lines = []
+        while (line := framer.next_line()) is not None:
+            lines.append(line)
+        if framer.empty:
+            self._framer = None  # back to the fast path
+        if self._async:
+            self._queue_lines(lines)
+            return
+        for line in lines:
+            if self._closed or not self._answer(line):
+                return
+
+    def _answer(self, line: bytes) -> bool:
+        """Hand one line to the sync handler and send its reply; False once it raised."""
+        try:
+            reply = self.handle_line(line)
+        except Exception as exc:
+            self._handler_error(exc)
+            return False
+        if reply is not None:
+            self.write(reply)  # type: ignore[arg-type]
+        return True
+
+    def _queue_lines(self, lines: list[bytes]) -> None:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        queue.extend(lines)
+        if queue and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run_queue())
+        if len(queue) > 64:
+            self._transport.pause_reading()  # resumed by _run_queue when it catches up
+
+    async def _run_queue(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue and not self._closed:
+                line = queue.popleft()
+                reply = await self.handle_line(line)  # type: ignore[misc]
+                if reply is not None:
+                    self.write(reply)
+                    await self._wait_writable()
+                if len(queue) < 16 and not self._eof and not self._closed:
+                    self._transport.resume_reading()
+        except Exception as exc:
+            self._handler_error(exc)
+        finally:
+            self._task = None
+        if self._eof and not self._closed:
+            self._transport.close()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        tail = self._framer.take_buffer() if self._framer is not None else b""
+        if tail:  # the last line of a stream may lack its newline; it is still a line
+            if self._async:
+                self._queue_lines([tail])
+            else:
+                self._answer(tail)
+        return self._task is not None  # keep the transport open until queued lines are answered
+
+    def pause_writing(self) -> None:
+        # A peer that does not read its replies does not get to send more requests.
+        self._writing_paused = True
+        self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self._eof:
+            self._transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            self.finish()
+        except Exception as error:
+            self.server._handler_error(self.client_address, error)
+
+
+class StreamHandler(_Connection):
+    """One instance and one task per connection: ``setup()``, ``await handle()``, ``finish()``.
+
+    ``setup`` and ``finish`` may be plain or async. Read with ``readline``, ``read`` and
+    ``readexactly``, write with ``write`` and ``await drain()``. ``readline`` raises
+    LineTooLong past ``max_line`` (uncaught, it closes the connection with that reason).
+    """
+
+    _buffer: bytearray
+    _scanned: int = 0  # the first _scanned bytes of the buffer hold no newline
+    _eof: bool = False
+    _waiter: asyncio.Future[None] | None = None
+    _reading_paused: bool = False
+    _task: asyncio.Task[None] | None = None
+
+    async def handle(self) -> None:
+        """Serve the connection; return to close it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._buffer = bytearray()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            result = self.setup()
+            if inspect.isawaitable(result):
+                await result
+            await self.handle()
+        except LineTooLong:
+            self._line_too_long()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self._set_reason(f"error: {exc}" if str(exc) else type(exc).__name__)
+        except asyncio.CancelledError:
+            self._set_reason(self._close_reason or "cancelled")
+        except Exception as exc:
+            self._handler_error(exc)
+        finally:
+            try:
+                result = self.finish()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                self._handler_error(exc)
+            self._task = None
+            if not self._closed:
+                self._set_reason("closed by handler")
+                self._transport.close()
+
+    # Protocol side
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._buffer += data
+        if (waiter := self._waiter) is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if len(self._buffer) > READ_AHEAD + self._max_line and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # the handler may still write; it closes when it returns
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if (waiter := self._waiter) is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_for_data(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        await waiter
+
+    def _consumed(self) -> None:
+        if self._reading_paused and len(self._buffer) <= READ_AHEAD:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    # Handler side
+    async def readline(self) -> bytes:
+        """The next line with its ``b"\\n"``; at end of stream the rest, then ``b""``."""
+        buffer = self._buffer
+        while (end := buffer.find(b"\n", self._scanned)) < 0:
+            if len(buffer) > self._max_line:
+                raise LineTooLong(self._max_line)
+            if self._eof:
+                line = bytes(buffer)
+                buffer.clear()
+                self._scanned = 0
+                return line
+            self._scanned = len(buffer)
+            await self._wait_for_data()
+        if end >= self._max_line:
+            raise LineTooLong(self._max_line)
+        line = bytes(buffer[: end + 1])
+        del buffer[: end + 1]
+        self._scanned = 0
+        if self._reading_paused:
+            self._consumed()
+        return line
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (at least one unless at end of stream); -1 reads to the end."""
+        buffer = self._buffer
+        if n < 0:
+            while not self._eof:
+                await self._wait_for_data()
+            n = len(buffer)
+        elif n == 0:
+            return b""
+        while not buffer and not self._eof:
+            await self._wait_for_data()
+        data = bytes(buffer[:n])
+        del buffer[:n]
+        self._scanned = 0
+        self._consumed()
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; asyncio.IncompleteReadError if the stream ends first."""
+        buffer = self._buffer
+        while len(buffer) < n:
+            if self._eof:
+                partial = bytes(buffer)
+                buffer.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait_for_data()
+        data = bytes(buffer[:n])
+        del buffer[:n]
+        self._scanned = 0
+        self._consumed()
+        return data
+
+    async def drain(self) -> None:
+        """Wait while the peer is not reading what was written (backpressure)."""
+        if self._closed:
+            raise ConnectionResetError("connection closed")
+        if self._writing_paused:
+            await self._wait_writable()
+            if self._closed:
+                raise ConnectionResetError("connection closed")
+
+    def at_eof(self) -> bool:
+        """True once the peer finished sending and everything was read."""
+        return self._eof and not self._buffer
+
+
+class DatagramHandler:
+    """Called with each datagram; returns the reply, or None to send nothing.
+
+    One instance serves one datagram listener. Define ``handle_datagram`` as ``async
+    def`` to await it (datagrams are then handled concurrently, a bounded number at once).
+    """
+
+    server: Server
+    listener: str
+
+    def _attach(self, server: Server, listener: str) -> None:
+        self.server = server
+        self.listener = listener
+
+    def setup(self) -> Any:
+        """Called once before the first datagram."""
+
+    def finish(self) -> Any:
+        """Called once when the listener closes."""
+
+    def handle_datagram(
+        self, data: bytes, client_address: Any
+    ) -> bytes | None | Awaitable[bytes | None]:
+        """Answer one datagram; the default echoes it."""
+        return data

@@ -1,0 +1,695 @@
+"""The event-loop server: accept, connection lifecycle, limits, draining.
+
+One ``Server`` serves one handler class on any mix of stream and datagram listeners in
+one event loop. It accepts connections itself (not through ``loop.create_server``) so it
+can pause at ``max_connections``, back off on EMFILE, drain the backlog on shutdown and
+read a PROXY header before TLS starts, each without help from the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sockserve import binding
+from sockserve.binding import Listener
+from sockserve.blocking import BlockingPool, is_blocking_handler
+from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
+from sockserve.observability import Stats, log_access
+from sockserve.settings import Settings
+
+__all__ = ["HandlerKindError", "Server"]
+
+logger = logging.getLogger("sockserve.server")
+
+# Accept errors that mean "out of a resource": back off and retry (as trio does), never spin.
+OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF = 0.1
+# Connections accepted per readiness event, so one busy listener cannot starve the others.
+ACCEPT_BATCH = 256
+DATAGRAM_BATCH = 64
+# Async datagram handlers running at once per listener before reading pauses.
+DATAGRAM_CONCURRENCY = 1024
+PROXY_PEEK = 16 + 4096
+DEFAULT_BIND = "127.0.0.1:9999"
+
+
+class HandlerKindError(TypeError):
+    """The handler class cannot serve this kind of listener."""
+
+
+class _RateLimitedLog:
+    """Logs a recurring condition at most once per ``interval`` seconds, counting the rest."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last = -interval
+        self.suppressed = 0
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            msg += " (%d more since the last report)"
+            args = (*args, self.suppressed)
+        self.last, self.suppressed = now, 0
+        logger.warning(msg, *args)
+
+
+def handler_kind(handler: type) -> str:
+    """``line``, ``stream``, ``datagram`` or ``blocking``; TypeError for anything else."""
+    if not isinstance(handler, type):
+        raise HandlerKindError(f"{handler!r} is not a class")
+    if issubclass(handler, LineHandler):
+        return "line"
+    if issubclass(handler, StreamHandler):
+        return "stream"
+    if issubclass(handler, DatagramHandler):
+        return "datagram"
+    if is_blocking_handler(handler):
+        return "blocking"
+    raise HandlerKindError(
+        f"{handler.__module__}.{handler.__qualname__} is not a handler: subclass"
+        " sockserve.LineHandler, StreamHandler, DatagramHandler or a socketserver"
+        " BaseRequestHandler"
+    )
+
+
+class _StreamListener:
+    """Accepts connections from one listening socket while the server allows it."""
+
+    def __init__(self, server: Server, listener: Listener) -> None:
+        self.server = server
+        self.listener = listener
+        self.sock = listener.sock
+        self.reading = False
+        self.backoff_until = 0.0
+
+    def set_reading(self, on: bool) -> None:
+        if on == self.reading:
+            return
+        self.reading = on
+        if on:
+            self.server.loop.add_reader(self.sock.fileno(), self.accept_ready)
+        else:
+            self.server.loop.remove_reader(self.sock.fileno())
+
+    def accept_ready(self, limit: int = ACCEPT_BATCH) -> None:
+        server = self.server
+        for _ in range(limit):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in OVERLOAD_ERRNOS:
+                    server._overload_log(
+                        "accept() on %s failed: %s; backing off %.1f s",
+                        self.listener.url,
+                        exc.strerror,
+                        ACCEPT_BACKOFF,
+                    )
+                    self.backoff_until = server.loop.time() + ACCEPT_BACKOFF
+                    server.loop.call_later(ACCEPT_BACKOFF, server._update_accepting)
+                    server._update_accepting()
+                    return
+                # ECONNABORTED, EPROTO, EPERM (firewall): that one peer is gone; go on.
+                logger.debug("accept() on %s failed: %s", self.listener.url, exc)
+                continue
+            server._accepted(conn, addr, self.listener)
+            if not self.reading:  # the server paused accepting (limit reached, stopping)
+                return
+
+    def drain_backlog(self) -> None:
+        """Accept every connection already waiting, ignoring the limit (used when stopping)."""
+        self.accept_ready(limit=1 << 30)
+
+
+class _DatagramEndpoint:
+    """Reads datagrams itself: one preallocated buffer, no per-datagram 256 KiB allocation."""
+
+    def __init__(self, server: Server, listener: Listener) -> None:
+        self.server = server
+        self.listener = listener
+        self.sock = listener.sock
+        self.max_size = server.settings.max_datagram
+        self.buffer = bytearray(self.max_size + 1)
+        self.view = memoryview(self.buffer)
+        self.reading = False
+        self.in_flight = 0
+        kind = server.kind
+        self.handler: Any = None
+        self.answer: Callable[[bytes, Any], Any]
+        if kind == "datagram":
+            handler = server.handler_class()
+            handler._attach(server, listener.url)
+            self.handler = handler
+            self.answer = handler.handle_datagram
+            self.is_async = asyncio.iscoroutinefunction(handler.handle_datagram)
+        elif kind == "line":
+            handler = server.handler_class()
+            handler._attach(server, None, listener.url)
+            self.handler = handler
+
+            def answer(data: bytes, address: Any) -> Any:
+                handler.client_address = address
+                return handler.handle_line(data)
+
+            self.answer = answer
+            self.is_async = handler._async
+        elif kind == "blocking":
+            self.is_async = False
+            self.answer = self._to_pool
+        else:
+            raise HandlerKindError(
+                f"a {kind} handler cannot serve datagram listener {listener.url}"
+            )
+
+    def start(self) -> None:
+        if self.handler is not None:
+            self.handler.setup()
+        self.set_reading(True)
+
+    def set_reading(self, on: bool) -> None:
+        if on == self.reading:
+            return
+        self.reading = on
+        if on:
+            self.server.loop.add_reader(self.sock.fileno(), self.ready)
+        else:
+            self.server.loop.remove_reader(self.sock.fileno())
+
+    def ready(self) -> None:
+        server = self.server
+        stats = server.stats
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                size, address = self.sock.recvfrom_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error of an earlier reply
+                logger.debug("recvfrom on %s failed: %s", self.listener.url, exc)
+                continue
+            stats.datagrams += 1
+            stats.bytes_received += size
+            if size > self.max_size:
+                stats.datagrams_oversized += 1
+                server._oversize_log(
+                    "dropped a datagram from %s on %s: larger than %d bytes",
+                    address,
+                    self.listener.url,
+                    self.max_size,
+                )
+                continue
+            data = self.buffer[:size]
+            if self.is_async:
+                self.in_flight += 1
+                task = server.loop.create_task(self._answer_async(bytes(data), address))
+                server._tasks.add(task)
+                task.add_done_callback(server._tasks.discard)
+                if self.in_flight >= DATAGRAM_CONCURRENCY:
+                    self.set_reading(False)
+                    return
+                continue
+            try:
+                reply = self.answer(bytes(data), address)
+            except Exception as exc:
+                server._handler_error(address, exc)
+                continue
+            if reply is not None:
+                self.send(reply, address)
+            if not self.reading:
+                return
+
+    async def _answer_async(self, data: bytes, address: Any) -> None:
+        try:
+            reply = await self.answer(data, address)
+            if reply is not None:
+                self.send(reply, address)
+        except Exception as exc:
+            self.server._handler_error(address, exc)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight < DATAGRAM_CONCURRENCY // 2 and not self.server._stopping:
+                self.set_reading(True)
+
+    def send(self, reply: bytes, address: Any) -> None:
+        if not address:  # an unbound Unix datagram client cannot be answered
+            return
+        try:
+            self.sock.sendto(reply, address)
+        except (BlockingIOError, InterruptedError):
+            self.server.stats.datagrams_dropped += 1  # socket buffer full: UDP may drop
+            return
+        except OSError as exc:
+            logger.debug("sendto %s failed: %s", address, exc)
+            return
+        self.server.stats.bytes_sent += len(reply)
+
+    def _to_pool(self, data: bytes, address: Any) -> None:
+        pool = self.server._pool
+        assert pool is not None
+        pool.submit_datagram(data, address, self.sock)
+        if pool.full:
+            self.set_reading(False)
+
+    def close(self) -> None:
+        self.set_reading(False)
+        if self.handler is not None:
+            try:
+                self.handler.finish()
+            except Exception as exc:
+                self.server._handler_error(None, exc)
+
+
+class Server:
+    """Serves ``handler`` on the listeners of ``settings`` in the running event loop.
+
+    ``async with Server(Handler, bind=["127.0.0.1:0"]) as server:`` starts it (bound and
+    listening, ``server.urls`` filled in) and stops it gracefully on exit.
+    """
+
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(
+        self,
+        handler: type,
+        settings: Settings | None = None,
+        *,
+        listeners: Iterable[Listener] | None = None,
+        owns_listeners: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
+        self.kind = handler_kind(handler)
+        self.handler_class = handler
+        self.RequestHandlerClass = handler  # what socketserver handlers may look for
+        self.stats = Stats()
+        self.listeners: list[Listener] = list(listeners) if listeners is not None else []
+        self._owns_listeners = owns_listeners  # False in workers: the supervisor removes files
+        self._stream: list[_StreamListener] = []
+        self._datagram: list[_DatagramEndpoint] = []
+        self._connections: set[_Connection] = set()
+        self._open = 0  # accepted and not yet closed, handshaking ones included
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._closed_event: asyncio.Event | None = None
+        self._pool: BlockingPool | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._overload_log = _RateLimitedLog()
+        self._oversize_log = _RateLimitedLog()
+        self._reject_log = _RateLimitedLog(interval=1.0)
+
+    # -- public API --------------------------------------------------------------------
+
+    @property
+    def urls(self) -> list[str]:
+        """The real addresses served, ``tcp://127.0.0.1:40123`` style."""
+        return [listener.url for listener in self.listeners]
+
+    @property
+    def server_address(self) -> Any:
+        """The first listener's address, as socketserver's attribute of that name."""
+        return self.listeners[0].sock.getsockname() if self.listeners else None
+
+    @property
+    def connections(self) -> int:
+        return self._open
+
+    async def start(self) -> None:
+        """Bind (unless listeners were given), then start accepting and reading."""
+        self.loop = asyncio.get_running_loop()
+        self._closed_event = asyncio.Event()
+        settings = self.settings
+        if settings.tls_cert:
+            from sockserve.tls import server_context
+
+            self._ssl = server_context(settings)
+        if not self.listeners:
+            self.listeners = bind_all(settings)
+        try:
+            if self.kind == "blocking":
+                self._pool = BlockingPool(self, settings.threads)
+            for listener in self.listeners:
+                if listener.datagram:
+                    endpoint = _DatagramEndpoint(self, listener)
+                    self._datagram.append(endpoint)
+                elif self.kind == "datagram":
+                    raise HandlerKindError(
+                        f"a datagram handler cannot serve stream listener {listener.url}"
+                    )
+                else:
+                    self._stream.append(_StreamListener(self, listener))
+        except BaseException:
+            self._close_listeners()
+            raise
+        for endpoint in self._datagram:
+            endpoint.start()
+        self._update_accepting()
+        if settings.idle_timeout:
+            self._schedule_sweep()
+        for listener in self.listeners:
+            logger.info("listening on %s", listener.url)
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has stopped."""
+        assert self._closed_event is not None, "start() first"
+        await self._closed_event.wait()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting (serving what waits in the backlog), let connections finish for
+        up to ``timeout`` seconds (default: graceful_timeout), then close the rest."""
+        if timeout is None:
+            timeout = self.settings.graceful_timeout
+        if not self._stopping:
+            self._stopping = True
+            self._stop_accepting()
+        deadline = self.loop.time() + timeout
+        await self._wait_idle(deadline)
+        if self._open:
+            logger.info("graceful timeout: closing %d connection(s)", self._open)
+            for conn in list(self._connections):
+                conn._set_reason("server shutdown")
+                conn._transport.close()
+            if self._pool is not None:
+                self._pool.release_all()
+            await self._wait_idle(self.loop.time() + 1.0)
+            for conn in list(self._connections):
+                conn._abort("server shutdown")
+        await self._finish()
+
+    def reload_tls(self) -> None:
+        """Re-read the certificate and key for connections accepted from now on."""
+        if self.settings.tls_cert:
+            from sockserve.tls import server_context
+
+            try:
+                self._ssl = server_context(self.settings)
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("TLS reload failed, keeping the old certificate: %s", exc)
+            else:
+                logger.info("TLS certificate reloaded")
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def _update_accepting(self) -> None:
+        """Accept while under the limit, not backing off, not stopping."""
+        if self._stopping:
+            return
+        below_limit = self._open < self.settings.max_connections
+        if self._pool is not None:
+            below_limit = below_limit and not self._pool.full
+        now = self.loop.time()
+        for listener in self._stream:
+            listener.set_reading(below_limit and now >= listener.backoff_until)
+        if self._pool is not None:
+            for endpoint in self._datagram:
+                endpoint.set_reading(not self._pool.full)
+
+    def _accepted(self, conn: socket.socket, address: Any, listener: Listener) -> None:
+        self._open += 1
+        self.stats.connections_total += 1
+        if self._open >= self.settings.max_connections:
+            self._update_accepting()
+        settings = self.settings
+        if settings.proxy_protocol != "off":
+            if settings.proxy_from and not _in_networks(address, settings.proxy_from):
+                self._reject(conn, address, listener, "untrusted proxy")
+                return
+            task = self.loop.create_task(self._read_proxy(conn, address, listener))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        if (settings.allow or settings.deny) and not self._allowed(address):
+            self._reject(conn, address, listener, "denied")
+            return
+        self._serve(conn, address, listener, None)
+
+    def _allowed(self, address: Any) -> bool:
+        settings = self.settings
+        if not isinstance(address, tuple):  # Unix sockets have no IP to check
+            return True
+        if settings.allow and not _in_networks(address, settings.allow):
+            return False
+        return not (settings.deny and _in_networks(address, settings.deny))
+
+    def _reject(self, conn: socket.socket, address: Any, listener: Listener, reason: str) -> None:
+        self.stats.rejected(reason)
+        logger.info("refused %s on %s: %s", address, listener.url, reason)
+        with contextlib.suppress(OSError):
+            conn.close()
+        self._closed_one()
+
+    async def _read_proxy(self, conn: socket.socket, address: Any, listener: Listener) -> None:
+        from sockserve.proxy_protocol import ProxyProtocolError
+
+        started = self.loop.time()
+        try:
+            header = await asyncio.wait_for(
+                self._proxy_header(conn), self.settings.handshake_timeout
+            )
+        except (ProxyProtocolError, ConnectionError, EOFError) as exc:
+            self._reject(conn, address, listener, f"bad PROXY header: {exc}")
+            return
+        except asyncio.TimeoutError:
+            self._reject(conn, address, listener, "no PROXY header in time")
+            return
+        except OSError as exc:
+            self._reject(conn, address, listener, f"PROXY header: {exc}")
+            return
+        real = address
+        if header.command == "PROXY" and isinstance(header.source, tuple):
+            real = header.source
+        if (self.settings.allow or self.settings.deny) and not self._allowed(real):
+            self._reject(conn, real, listener, "denied")
+            return
+        left = self.settings.handshake_timeout - (self.loop.time() - started)
+        self._serve(conn, real, listener, header, max(left, 0.001))
+
+    async def _proxy_header(self, conn: socket.socket) -> Any:
+        """Read exactly the header's bytes (peeking first), so what follows stays unread."""
+        from sockserve.proxy_protocol import parse_prefix
+
+        accept = self.settings.proxy_protocol
+        got = b""
+        while True:
+            await self._readable(conn)
+            peek = conn.recv(PROXY_PEEK - len(got), socket.MSG_PEEK)
+            if not peek:
+                raise EOFError("connection closed before the PROXY header")
+            header = parse_prefix(got + peek, accept)  # type: ignore[arg-type]
+            if header is not None:
+                rest = header.length - len(got)
+                if rest and len(conn.recv(rest)) != rest:
+                    raise EOFError("short read of a peeked PROXY header")
+                return header
+            # No complete header in what we saw, so all of it belongs to the header.
+            got += conn.recv(len(peek))
+            if len(got) >= PROXY_PEEK:
+                raise EOFError("PROXY header too long")
+
+    async def _readable(self, conn: socket.socket) -> None:
+        future: asyncio.Future[None] = self.loop.create_future()
+        fd = conn.fileno()
+        self.loop.add_reader(fd, future.set_result, None)
+        try:
+            await future
+        finally:
+            self.loop.remove_reader(fd)
+
+    def _serve(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: Any,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        if self._pool is not None:
+            self._pool.submit_stream(conn, address, listener, proxy, self._ssl)
+            if self._pool.full:
+                self._update_accepting()
+            return
+        handler = self.handler_class()
+        handler._attach(self, address, listener.url)
+        handler.proxy = proxy
+        task = self.loop.create_task(
+            self._connect(conn, handler, handshake_timeout or self.settings.handshake_timeout)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket, handler: _Connection, timeout: float) -> None:
+        try:
+            if self._ssl is None:
+                await self.loop.connect_accepted_socket(lambda: handler, conn)
+            else:
+                await self.loop.connect_accepted_socket(
+                    lambda: handler, conn, ssl=self._ssl, ssl_handshake_timeout=timeout
+                )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            # Failed handshake, plaintext on a TLS port, a peer gone before we started.
+            reason = "TLS handshake failed" if self._ssl is not None else "connect failed"
+            self.stats.rejected("tls" if self._ssl is not None else "error")
+            self._reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
+            with contextlib.suppress(OSError):
+                conn.close()
+            if handler not in self._connections:
+                self._closed_one()
+
+    # -- connection lifecycle (called by handlers and the blocking pool) -----------------
+
+    def _connection_made(self, conn: _Connection) -> None:
+        conn._opened = time.monotonic()
+        conn._idle_mark = (self.loop.time(), 0)
+        self._connections.add(conn)
+
+    def _connection_lost(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        self.stats.connection_closed(conn.bytes_in, conn.bytes_out)
+        if self.settings.access_log:
+            log_access(
+                conn.client_address,
+                conn.listener,
+                time.monotonic() - conn._opened,
+                conn.bytes_in,
+                conn.bytes_out,
+                conn._close_reason or "eof",
+            )
+        self._closed_one()
+
+    def _closed_one(self) -> None:
+        self._open -= 1
+        if self._stopping:
+            if not self._open and self._idle_waiter and not self._idle_waiter.done():
+                self._idle_waiter.set_result(None)
+        elif self._open == self.settings.max_connections - 1:
+            self._update_accepting()  # was at the limit: accept again
+
+    _idle_waiter: asyncio.Future[None] | None = None
+    _force = False
+
+    def _handler_error(self, address: Any, exc: BaseException) -> None:
+        self.stats.handler_errors += 1
+        logger.error(
+            "handler error for %s: %s", address, exc, exc_info=(type(exc), exc, exc.__traceback__)
+        )
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        interval = min(1.0, max(0.05, self.settings.idle_timeout / 10))
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections that received nothing for ``idle_timeout`` seconds.
+
+        Reads per-connection byte counters instead of stamping a time on every read.
+        """
+        now = self.loop.time()
+        timeout = self.settings.idle_timeout
+        for conn in list(self._connections):
+            since, seen = conn._idle_mark
+            if conn.bytes_in != seen:
+                conn._idle_mark = (now, conn.bytes_in)
+            elif now - since >= timeout and not conn._closed:
+                logger.info("closing %s: idle for %.1f s", conn.client_address, now - since)
+                conn._abort("idle timeout")
+        self._schedule_sweep()
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def _stop_accepting(self) -> None:
+        for listener in self._stream:
+            listener.drain_backlog()
+            listener.set_reading(False)
+        for endpoint in self._datagram:
+            endpoint.close()
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            if self._owns_listeners:
+                listener.close()
+            else:
+                listener.sock.close()
+
+    def abort(self) -> None:
+        """Cut a graceful shutdown short: close every connection now (a second SIGINT)."""
+        self._force = True
+        if self._idle_waiter is not None and not self._idle_waiter.done():
+            self._idle_waiter.set_result(None)
+
+    async def _wait_idle(self, deadline: float) -> None:
+        while self._open and not self._force and (left := deadline - self.loop.time()) > 0:
+            self._idle_waiter = self.loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._idle_waiter), left)
+
+    async def _finish(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pool is not None:
+            await self._pool.close()
+        if self._closed_event is not None:
+            self._closed_event.set()
+
+
+def _in_networks(address: Any, networks: Iterable[Any]) -> bool:
+    import ipaddress
+
+    if not isinstance(address, tuple):
+        return False
+    try:
+        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+def bind_all(settings: Settings) -> list[Listener]:
+    """Bind every configured address (or take systemd's sockets); all or nothing."""
+    addresses: list[binding.Address]
+    if settings.bind:
+        addresses = [binding.parse_address(text) for text in settings.bind]
+    else:
+        addresses = list(binding.systemd_listeners()) or [binding.parse_address(DEFAULT_BIND)]
+    listeners: list[Listener] = []
+    try:
+        for address in addresses:
+            listeners.extend(
+                binding.bind(
+                    address,
+                    backlog=settings.backlog,
+                    reuse_port=settings.reuse_port,
+                    unix_mode=settings.unix_mode,
+                )
+            )
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners

@@ -103,7 +103,7 @@ class _StreamListener:
         else:
             self.server.loop.remove_reader(self.sock.fileno())
 
-    def accept_ready(self, limit: int = ACCEPT_BATCH) -> None:
+    def accept_ready(self, limit: int = ACCEPT_BATCH, draining: bool = False) -> None:
         server = self.server
         for _ in range(limit):
             try:
@@ -126,12 +126,12 @@ class _StreamListener:
                 logger.debug("accept() on %s failed: %s", self.listener.url, exc)
                 continue
             server._accepted(conn, addr, self.listener)
-            if not self.reading:  # the server paused accepting (limit reached, stopping)
+            if not self.reading and not draining:  # paused: limit reached or stopping
                 return
 
     def drain_backlog(self) -> None:
         """Accept every connection already waiting, ignoring the limit (used when stopping)."""
-        self.accept_ready(limit=1 << 30)
+        self.accept_ready(limit=1 << 30, draining=True)
 
 
 class _DatagramEndpoint:
@@ -474,6 +474,9 @@ class Server:
         except OSError as exc:
             self._reject(conn, address, listener, f"PROXY header: {exc}")
             return
+        except asyncio.CancelledError:
+            conn.close()
+            raise
         real = address
         if header.command == "PROXY" and isinstance(header.source, tuple):
             real = header.source
@@ -553,6 +556,9 @@ class Server:
                 conn.close()
             if handler not in self._connections:
                 self._closed_one()
+        except asyncio.CancelledError:  # stopping before the connection was set up
+            conn.close()
+            raise
 
     # -- connection lifecycle (called by handlers and the blocking pool) -----------------
 

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 import pytest
-from serving import LOOPS, connect, read_all, read_line, serving
 
 import sockserve
+from serving import LOOPS, connect, read_all, read_line, serving
 from sockserve.handlers import LineHandler, StreamHandler
 
 pytestmark = pytest.mark.parametrize("loop", LOOPS)
@@ -203,7 +203,7 @@ def test_peer_that_never_reads_is_not_buffered_without_bound(loop: str) -> None:
         assert sent < 32 * 1024 * 1024
         conns = server.call(lambda: list(server.server._connections))
         assert len(conns) == 1
-        buffered = server.call(lambda: conns[0]._transport.get_write_buffer_size())
+        buffered = server.call(conns[0]._transport.get_write_buffer_size)
         assert buffered < 8 * 1024 * 1024
 
 
@@ -453,9 +453,8 @@ def test_unix_stream_and_stale_socket_file(loop: str, tmp_path: Any) -> None:
             sock.connect(path)
             sock.sendall(b"unix\n")
             assert read_line(sock) == b"UNIX\n"
-        with pytest.raises(OSError, match="in use"):
-            with serving(Upper, loop, bind=[f"unix:{path}"]):
-                pass
+        with pytest.raises(OSError, match="in use"), serving(Upper, loop, bind=[f"unix:{path}"]):
+            pass
     assert not os.path.exists(path)
 
 

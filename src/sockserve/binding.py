@@ -65,7 +65,9 @@ class FdAddress:
 
 Address = TCPAddress | UDPAddress | UnixAddress | FdAddress
 
-_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^\[\]:/\s]*)):(?P<port>\d{1,5})$")
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^\[\]:/\s]*)):(?P<port>\d{1,5})$"
+)
 
 
 def _host_port(text: str, original: str) -> tuple[str | None, int]:
@@ -183,9 +185,10 @@ def _bind_inet(
     type_ = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
     socks: list[socket.socket] = []
     with _closing_on_error(socks):
-        for family, sockaddr in _resolve(host, port, type_):
+        for family, resolved in _resolve(host, port, type_):
+            sockaddr = resolved
             if port == 0 and socks:  # one ephemeral port for every address of the host
-                sockaddr = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])
+                sockaddr = (resolved[0], socks[0].getsockname()[1], *resolved[2:])
             sock = socket.socket(family, type_)
             socks.append(sock)
             if not datagram:
@@ -199,7 +202,9 @@ def _bind_inet(
                 sock.bind(sockaddr)
             except OSError as exc:
                 shown = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
-                raise OSError(exc.errno, f"cannot bind {shown}:{sockaddr[1]}: {exc.strerror}") from None
+                raise OSError(
+                    exc.errno, f"cannot bind {shown}:{sockaddr[1]}: {exc.strerror}"
+                ) from None
             if not datagram:
                 sock.listen(backlog)
             sock.setblocking(False)

@@ -143,8 +143,9 @@ class BlockingPool:
                     server._reject_log("TLS handshake failed for %s: %s", address, exc)
                     return
             request.settimeout(settings.idle_timeout or None)
-            handler = server.handler_class.__new__(server.handler_class)
-            handler.proxy = proxy
+            cls: Any = server.handler_class
+            handler = cls.__new__(cls)
+            handler.proxy = proxy  # before __init__, which runs setup/handle/finish
             handler.listener = listener.url
             handler.__init__(request, address, server)
         except TimeoutError:

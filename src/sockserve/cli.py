@@ -67,7 +67,9 @@ def import_handler(path: str) -> type:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise UsageError(f"cannot import {module_name!r}: no module named {exc.name!r}") from None
+            raise UsageError(
+                f"cannot import {module_name!r}: no module named {exc.name!r}"
+            ) from None
         raise
     obj: Any = module
     for part in attr.split("."):

@@ -93,15 +93,13 @@ class _Connection(asyncio.Protocol):
         self._transport.close()
 
     def _line_too_long(self) -> None:
-        logger.warning(
-            "closing %s: line longer than %d bytes", self.client_address, self._max_line
-        )
+        logger.warning("closing %s: line longer than %d bytes", self.client_address, self._max_line)
         self._abort("line too long")
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER)
+        self._transport.set_write_buffer_limits(WRITE_HIGH_WATER)
         self.server._connection_made(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -150,7 +148,7 @@ class LineHandler(_Connection):
         super().__init_subclass__(**kwargs)
         cls._async = inspect.iscoroutinefunction(cls.handle_line)
 
-    def handle_line(self, line: bytes) -> bytes | None | Awaitable[bytes | None]:
+    def handle_line(self, line: bytes) -> bytes | Awaitable[bytes | None] | None:
         """Answer one line; the default echoes it."""
         return line
 
@@ -452,6 +450,6 @@ class DatagramHandler:
 
     def handle_datagram(
         self, data: bytes, client_address: Any
-    ) -> bytes | None | Awaitable[bytes | None]:
+    ) -> bytes | Awaitable[bytes | None] | None:
         """Answer one datagram; the default echoes it."""
         return data

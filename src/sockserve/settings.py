@@ -288,7 +288,9 @@ class Settings:
         False, boolean, "Each worker gets its own SO_REUSEPORT socket.", flag=True
     )
     unix_mode: int | None = _setting(
-        None, file_mode, "Permissions of Unix socket files, octal (default: from umask).",
+        None,
+        file_mode,
+        "Permissions of Unix socket files, octal (default: from umask).",
         metavar="MODE",
     )
     user: str | None = _setting(None, optional_str, "Drop to this user after binding.")
@@ -357,14 +359,19 @@ class Setting:
 
 
 def _settings() -> tuple[Setting, ...]:
-    result = []
-    for f in dataclasses.fields(Settings):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        m = f.metadata
-        result.append(
-            Setting(f.name, default, m["help"], m["metavar"], m["repeatable"], m["flag"], m["convert"])
+    defaults = Settings()
+    return tuple(
+        Setting(
+            f.name,
+            getattr(defaults, f.name),
+            f.metadata["help"],
+            f.metadata["metavar"],
+            f.metadata["repeatable"],
+            f.metadata["flag"],
+            f.metadata["convert"],
         )
-    return tuple(result)
+        for f in dataclasses.fields(Settings)
+    )
 
 
 SETTINGS: tuple[Setting, ...] = _settings()

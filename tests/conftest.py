@@ -38,6 +38,7 @@ class ServerProcess:
     urls: list[str]
     output: list[str] = field(default_factory=list)
     _pos: int = 0  # lines before this one were consumed by earlier read_until calls
+    _pending: bytes = b""  # an unfinished last line
 
     def read_until(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Read the server's stderr up to the next line that matches; fail after ``timeout``."""
@@ -47,20 +48,25 @@ class ServerProcess:
             if match := regex.search(self.output[self._pos - 1]):
                 return match
         assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stderr, selectors.EVENT_READ)
+            sel.register(fd, selectors.EVENT_READ)
             while (remaining := deadline - time.monotonic()) > 0:
                 if not sel.select(remaining):
                     break
-                raw = self.proc.stderr.readline()
-                if not raw:
+                chunk = os.read(fd, 65536)  # unbuffered: select() sees everything not yet read
+                if not chunk:
                     break
-                line = raw.decode(errors="replace")
-                self.output.append(line)
-                self._pos = len(self.output)
-                if match := regex.search(line):
-                    return match
+                self._pending += chunk
+                *lines, rest = self._pending.split(b"\n")
+                self._pending = rest
+                for raw in lines:
+                    self.output.append(raw.decode(errors="replace") + "\n")
+                while self._pos < len(self.output):
+                    self._pos += 1
+                    if match := regex.search(self.output[self._pos - 1]):
+                        return match
         raise AssertionError(f"no line matching {pattern!r}; server said:\n{''.join(self.output)}")
 
     def signal(self, signum: int) -> None:
@@ -69,7 +75,9 @@ class ServerProcess:
     def wait(self, timeout: float = 15.0) -> int:
         code = self.proc.wait(timeout)
         assert self.proc.stderr is not None
-        self.output.extend(self.proc.stderr.read().decode(errors="replace").splitlines(True))
+        rest = self._pending + self.proc.stderr.read()
+        self._pending = b""
+        self.output.extend(rest.decode(errors="replace").splitlines(True))
         return code
 
     @property

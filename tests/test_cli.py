@@ -1,0 +1,187 @@
+"""The sockserve command end to end: real processes, real sockets, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ServerProcess, host_port
+from serving import read_all, read_line
+
+StartServer = Callable[..., ServerProcess]
+
+HANDLERS = textwrap.dedent(
+    """
+    import asyncio, socketserver
+    import sockserve
+
+    class Slow(sockserve.LineHandler):
+        async def handle_line(self, line):
+            await asyncio.sleep(float(line))
+            return b"done " + line
+
+    class Blocking(socketserver.StreamRequestHandler):
+        def handle(self):
+            for line in self.rfile:
+                self.wfile.write(line.upper())
+
+    class NotAHandler:
+        pass
+    """
+)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "app.py").write_text(HANDLERS)
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "sockserve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_demo_serves_lines_and_stops_on_sigterm(start_server: StartServer) -> None:
+    server = start_server(["demo", "--bind", "127.0.0.1:0"])
+    assert server.urls[0].startswith("tcp://127.0.0.1:")
+    with socket.create_connection(host_port(server.urls[0]), timeout=5) as sock:
+        sock.sendall(b"hello sockserve\n")
+        assert read_line(sock) == b"HELLO SOCKSERVE\n"
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert "Traceback" not in server.text
+
+
+def test_demo_on_every_kind_of_listener(start_server: StartServer, tmp_path: Path) -> None:
+    sock_path = tmp_path / "demo.sock"
+    server = start_server(
+        ["demo", "-b", "127.0.0.1:0", "-b", "udp://127.0.0.1:0", "-b", f"unix:{sock_path}"],
+        listeners=3,
+    )
+    tcp, udp, unix = server.urls
+    assert udp.startswith("udp://127.0.0.1:") and unix == f"unix:{sock_path}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(5)
+        u.sendto(b"datagram", host_port(udp))
+        assert u.recv(100) == b"DATAGRAM"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock_path))
+        s.sendall(b"unix\n")
+        assert read_line(s) == b"UNIX\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "app:Blocking", "--workers", "-1"], "workers (--workers"),
+        (["run", "app:Blocking", "--max-line", "lots"], "max_line (--max-line"),
+        (["run", "app:Blocking", "--bind", "nonsense"], "bind (--bind"),
+        (["run", "missing_module:X"], "no module named 'missing_module'"),
+        (["run", "app:Missing"], "has no attribute 'Missing'"),
+        (["run", "app:NotAHandler"], "is not a handler"),
+        (["run", "app"], "MODULE:ATTRIBUTE"),
+    ],
+)
+def test_bad_start_fails_in_one_line(app_dir: Path, args: list[str], needle: str) -> None:
+    result = run_cli(*args, cwd=app_dir)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_bad_environment_variable_fails_naming_it(app_dir: Path) -> None:
+    result = run_cli("run", "app:Blocking", cwd=app_dir, env={"SOCKSERVE_IDLE_TIMEOUT": "soon"})
+    assert result.returncode == 2
+    assert "SOCKSERVE_IDLE_TIMEOUT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_address_in_use_fails_in_one_line(app_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("run", "app:Blocking", "--bind", f"127.0.0.1:{port}", cwd=app_dir)
+    assert result.returncode == 1
+    assert "cannot bind 127.0.0.1" in result.stderr and "in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_imports_from_the_current_directory(start_server: StartServer, app_dir: Path) -> None:
+    server = start_server(["run", "app:Blocking", "--bind", "127.0.0.1:0"], cwd=str(app_dir))
+    with socket.create_connection(host_port(server.urls[0]), timeout=5) as sock:
+        sock.sendall(b"blocking\n")
+        assert read_line(sock) == b"BLOCKING\n"
+
+
+def test_environment_configures_the_server(start_server: StartServer, app_dir: Path) -> None:
+    server = start_server(
+        ["run", "app:Blocking"],
+        cwd=str(app_dir),
+        env={"SOCKSERVE_BIND": "127.0.0.1:0", "SOCKSERVE_LOG_FORMAT": "json"},
+    )
+    assert '"logger": "sockserve.server"' in server.text
+
+
+def test_sigterm_answers_requests_in_flight_then_exits_0(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(["run", "app:Slow", "--bind", "127.0.0.1:0"], cwd=str(app_dir))
+    address = host_port(server.urls[0])
+    socks = [socket.create_connection(address, timeout=5) for _ in range(5)]
+    for sock in socks:
+        sock.sendall(b"0.5\n")
+    time.sleep(0.1)  # let the server read them
+    server.signal(signal.SIGTERM)
+    for sock in socks:
+        assert read_line(sock) == b"done 0.5\n"
+        sock.close()
+    assert server.wait() == 0
+    with pytest.raises(OSError):  # nothing new is accepted
+        socket.create_connection(address, timeout=1).close()
+
+
+def test_graceful_timeout_then_second_sigint_stops_at_once(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(
+        ["run", "app:Slow", "--bind", "127.0.0.1:0", "--graceful-timeout", "30"],
+        cwd=str(app_dir),
+    )
+    sock = socket.create_connection(host_port(server.urls[0]), timeout=5)
+    sock.sendall(b"20\n")
+    time.sleep(0.1)
+    server.signal(signal.SIGINT)
+    server.read_until("stopping", timeout=5)
+    started = time.monotonic()
+    server.signal(signal.SIGINT)
+    assert server.wait() == 0
+    assert time.monotonic() - started < 5
+    assert read_all(sock) == b""
+    sock.close()
+
+
+def test_console_script_and_settings_reference() -> None:
+    script = Path(sys.executable).parent / "sockserve"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("sockserve ")
+    reference = run_cli("settings")
+    assert reference.returncode == 0 and "--max-connections" in reference.stdout

@@ -1,0 +1,107 @@
+"""The sans-IO line framer: any split of any input gives the same lines; limits hold."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sockserve.framing import LineFramer, LineTooLong
+
+
+def lines_of(framer: LineFramer) -> list[bytes]:
+    out = []
+    while (line := framer.next_line()) is not None:
+        out.append(line)
+    return out
+
+
+def reference(data: bytes, limit: int) -> tuple[list[bytes], bytes, bool]:
+    """What framing must give: complete lines, the unfinished rest, whether the limit broke."""
+    lines = []
+    start = 0
+    while (end := data.find(b"\n", start)) >= 0:
+        if end + 1 - start > limit:
+            return lines, b"", True
+        lines.append(data[start : end + 1])
+        start = end + 1
+    rest = data[start:]
+    return lines, rest, len(rest) > limit
+
+
+chunks = st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"x", b"\n")), max_size=30)
+
+
+@settings(max_examples=400, derandomize=True)
+@given(chunks, st.integers(min_value=1, max_value=50))
+def test_any_split_gives_the_same_lines(parts: list[bytes], limit: int) -> None:
+    data = b"".join(parts)
+    want_lines, want_rest, want_error = reference(data, limit)
+    framer = LineFramer(limit)
+    got: list[bytes] = []
+    error = False
+    for part in parts:
+        try:
+            framer.feed(part)
+        except LineTooLong:
+            error = True
+            got += lines_of(framer)
+            break
+        got += lines_of(framer)
+    assert error == want_error
+    assert got == want_lines
+    if not error:
+        assert framer.partial == want_rest
+        assert framer.buffered == len(want_rest)
+
+
+@settings(max_examples=100, derandomize=True)
+@given(st.integers(min_value=1, max_value=300))
+def test_never_buffers_past_the_limit(limit: int) -> None:
+    framer = LineFramer(limit)
+    with pytest.raises(LineTooLong):
+        for _ in range(limit + 1):
+            framer.feed(b"a")
+            assert framer.buffered <= limit
+
+
+def test_line_of_exactly_the_limit_is_fine() -> None:
+    framer = LineFramer(4)
+    framer.feed(b"abc\nabcd")
+    assert framer.next_line() == b"abc\n"
+    with pytest.raises(LineTooLong, match="longer than 4 bytes"):
+        framer.feed(b"\n")
+
+
+def test_lines_before_an_over_long_one_are_kept() -> None:
+    framer = LineFramer(5)
+    with pytest.raises(LineTooLong):
+        framer.feed(b"ok\n" + b"y" * 10 + b"\n")
+    assert framer.next_line() == b"ok\n"
+
+
+def test_take_buffer_and_empty() -> None:
+    framer = LineFramer()
+    assert framer.empty and framer.max_line == 64 * 1024
+    framer.feed(b"a\nb")
+    assert not framer.empty
+    assert framer.take_buffer() == b"a\nb"
+    assert framer.empty and framer.next_line() is None
+
+
+def test_bad_limit_is_a_usage_error() -> None:
+    with pytest.raises(ValueError):
+        LineFramer(0)
+
+
+def test_one_byte_drip_is_linear() -> None:
+    """A peer dripping a byte at a time up to the limit costs O(n), not O(n**2)."""
+    import time
+
+    framer = LineFramer(1 << 20)
+    started = time.perf_counter()
+    for _ in range(200_000):
+        framer.feed(b"z")
+    framer.feed(b"\n")
+    assert len(framer.next_line() or b"") == 200_001
+    assert time.perf_counter() - started < 5  # quadratic would copy ~20 GB

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import ServerProcess, host_port
 from serving import read_all, read_line
 
@@ -49,6 +50,7 @@ def app_dir(tmp_path: Path) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
     return subprocess.run(
         [sys.executable, "-m", "sockserve", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=30,
@@ -75,7 +77,7 @@ def test_demo_on_every_kind_of_listener(start_server: StartServer, tmp_path: Pat
         ["demo", "-b", "127.0.0.1:0", "-b", "udp://127.0.0.1:0", "-b", f"unix:{sock_path}"],
         listeners=3,
     )
-    tcp, udp, unix = server.urls
+    _, udp, unix = server.urls
     assert udp.startswith("udp://127.0.0.1:") and unix == f"unix:{sock_path}"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
         u.settimeout(5)
@@ -181,7 +183,9 @@ def test_graceful_timeout_then_second_sigint_stops_at_once(
 
 def test_console_script_and_settings_reference() -> None:
     script = Path(sys.executable).parent / "sockserve"
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(script), "--version"], check=False, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0 and result.stdout.startswith("sockserve ")
     reference = run_cli("settings")
     assert reference.returncode == 0 and "--max-connections" in reference.stdout

@@ -18,7 +18,7 @@ def lines_of(framer: LineFramer) -> list[bytes]:
 
 def reference(data: bytes, limit: int) -> tuple[list[bytes], bytes, bool]:
     """What framing must give: complete lines, the unfinished rest, whether the limit broke."""
-    lines = []
+    lines: list[bytes] = []
     start = 0
     while (end := data.find(b"\n", start)) >= 0:
         if end + 1 - start > limit:
@@ -84,9 +84,10 @@ def test_take_buffer_and_empty() -> None:
     framer = LineFramer()
     assert framer.empty and framer.max_line == 64 * 1024
     framer.feed(b"a\nb")
-    assert not framer.empty
+    assert framer.buffered == 3
     assert framer.take_buffer() == b"a\nb"
-    assert framer.empty and framer.next_line() is None
+    assert framer.next_line() is None
+    assert framer.empty
 
 
 def test_bad_limit_is_a_usage_error() -> None:
@@ -99,9 +100,11 @@ def test_one_byte_drip_is_linear() -> None:
     import time
 
     framer = LineFramer(1 << 20)
+    line: bytes | None
     started = time.perf_counter()
     for _ in range(200_000):
         framer.feed(b"z")
     framer.feed(b"\n")
-    assert len(framer.next_line() or b"") == 200_001
+    line = framer.next_line()
+    assert line is not None and len(line) == 200_001
     assert time.perf_counter() - started < 5  # quadratic would copy ~20 GB

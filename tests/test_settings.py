@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -53,11 +54,18 @@ def test_unknown_keyword_is_a_type_error() -> None:
 
 
 def test_strings_and_values_convert_alike() -> None:
-    a = Settings(max_line="4k", idle_timeout="500ms", access_log="yes", unix_mode="660")
+    raw: dict[str, Any] = {
+        "max_line": "4k",
+        "idle_timeout": "500ms",
+        "access_log": "yes",
+        "unix_mode": "660",
+    }
+    a = Settings(**raw)
     b = Settings(max_line=4096, idle_timeout=0.5, access_log=True, unix_mode=0o660)
     assert a == b
-    assert Settings(bind="127.0.0.1:1, unix:/tmp/x").bind == ("127.0.0.1:1", "unix:/tmp/x")
-    assert Settings(allow="10.0.0.0/8 ::1").allow == (
+    listed: dict[str, Any] = {"bind": "127.0.0.1:1, unix:/tmp/x", "allow": "10.0.0.0/8 ::1"}
+    assert Settings(**listed).bind == ("127.0.0.1:1", "unix:/tmp/x")
+    assert Settings(**listed).allow == (
         ipaddress.ip_network("10.0.0.0/8"),
         ipaddress.ip_network("::1"),
     )
@@ -67,7 +75,8 @@ def test_strings_and_values_convert_alike() -> None:
 def test_environment_variables() -> None:
     env = {"SOCKSERVE_MAX_LINE": "1k", "SOCKSERVE_BIND": "unix:/a udp://:5", "OTHER": "x"}
     assert env_settings(env) == {"max_line": "1k", "bind": "unix:/a udp://:5"}
-    assert Settings(**env_settings(env)).max_line == 1024
+    values: dict[str, Any] = env_settings(env)
+    assert Settings(**values).max_line == 1024
 
 
 def test_docs_reference_is_generated_from_the_settings() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import sys
 import types
@@ -71,4 +72,5 @@ def test_cpython_socketserver_suite_passes() -> None:
     )
     assert result.wasSuccessful(), report + "\n" + stream.getvalue()
     assert result.testsRun >= 20, stream.getvalue()
-    assert not result.skipped, result.skipped
+    if sys.platform == "linux":  # fork and Unix sockets exist: nothing may be skipped
+        assert not result.skipped, result.skipped

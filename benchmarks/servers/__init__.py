@@ -1,0 +1,1 @@
+"""Reference servers and sockserve handlers for the benchmark suite."""

@@ -1,0 +1,34 @@
+"""The uppercase server as sockserve handlers, for ``sockserve run benchmarks.servers.handlers:X``.
+
+``sockserve demo`` is the line-handler fast path; these are the other two TCP kinds.
+"""
+
+from __future__ import annotations
+
+import socketserver
+
+import sockserve
+
+
+class UpperStream(sockserve.StreamHandler):
+    """Async stream handler: readline, write, drain."""
+
+    async def handle(self) -> None:
+        while line := await self.readline():
+            self.write(line.upper())
+            await self.drain()
+
+
+class UpperLine(sockserve.LineHandler):
+    """Line handler (the same as ``sockserve demo``)."""
+
+    def handle_line(self, line: bytes) -> bytes:
+        return line.upper()
+
+
+class UpperBlocking(socketserver.StreamRequestHandler):
+    """The stdlib handler of benchmarks/servers/stdlib_threading.py, unchanged."""
+
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line.upper())

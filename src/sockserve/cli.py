@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -56,45 +55,20 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def import_handler(path: str) -> type:
-    """``package.module:Attr`` -> the object, with the current directory importable."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"handler {path!r} must look like MODULE:ATTRIBUTE")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise UsageError(
-                f"cannot import {module_name!r}: no module named {exc.name!r}"
-            ) from None
-        raise
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, type):
-        raise UsageError(f"{path!r} is not a class")
-    return obj
-
-
-def _serve(handler: type, settings: Settings) -> int:
+def _serve(handler: str | type, settings: Settings) -> int:
     from sockserve.observability import configure_logging
     from sockserve.server import HandlerKindError, handler_kind
-    from sockserve.supervisor import serve
+    from sockserve.supervisor import HandlerImportError, check_handler_in_child, load_handler, serve
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        handler_kind(handler)
-    except HandlerKindError as exc:
-        raise UsageError(str(exc)) from None
-    try:
+        if isinstance(handler, str) and (settings.workers > 1 or settings.reload):
+            check_handler_in_child(handler)  # workers import it; this process stays clean
+        else:
+            handler = load_handler(handler)
+            handler_kind(handler)
         serve(handler, settings)
-    except HandlerKindError as exc:
+    except (HandlerKindError, HandlerImportError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
         logging.getLogger("sockserve.server").error("%s", exc)
@@ -103,9 +77,7 @@ def _serve(handler: type, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    handler = import_handler(args.handler)
-    return _serve(handler, settings)
+    return _serve(args.handler, settings_from(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

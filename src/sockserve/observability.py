@@ -17,7 +17,7 @@ __all__ = ["JSONFormatter", "Stats", "configure_logging", "log_access"]
 
 access_logger = logging.getLogger("sockserve.access")
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else was passed in ``extra`` and goes in the JSON.
 _RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -53,6 +53,7 @@ class JSONFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():

@@ -676,16 +676,20 @@ def _in_networks(address: Any, networks: Iterable[Any]) -> bool:
     return any(ip in net for net in networks)
 
 
-def bind_all(settings: Settings) -> list[Listener]:
-    """Bind every configured address (or take systemd's sockets); all or nothing."""
-    addresses: list[binding.Address]
+def addresses_of(settings: Settings) -> list[binding.Address]:
+    """What to serve: the bind settings, else systemd's sockets, else the default address."""
     if settings.bind:
-        addresses = [binding.parse_address(text) for text in settings.bind]
-    else:
-        addresses = list(binding.systemd_listeners()) or [binding.parse_address(DEFAULT_BIND)]
+        return [binding.parse_address(text) for text in settings.bind]
+    return list(binding.systemd_listeners()) or [binding.parse_address(DEFAULT_BIND)]
+
+
+def bind_all(
+    settings: Settings, addresses: Iterable[binding.Address] | None = None
+) -> list[Listener]:
+    """Bind every address (default: ``addresses_of(settings)``); all or nothing."""
     listeners: list[Listener] = []
     try:
-        for address in addresses:
+        for address in addresses_of(settings) if addresses is None else addresses:
             listeners.extend(
                 binding.bind(
                     address,

@@ -1,0 +1,227 @@
+"""Worker processes: respawn, graceful reload under load, TTIN/TTOU, boot failures."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess, host_port
+from serving import read_line
+
+StartServer = Callable[..., ServerProcess]
+
+APP = """
+import asyncio, os, socketserver
+import sockserve
+
+VERSION = b"{version}"
+
+class Versioned(sockserve.LineHandler):
+    def handle_line(self, line):
+        return VERSION + b" " + str(os.getpid()).encode() + b" " + line
+
+class SlowBlocking(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(VERSION + b" " + line)
+"""
+
+
+def write_app(directory: Path, version: str) -> None:
+    (directory / "app.py").write_text(textwrap.dedent(APP.format(version=version)))
+    # Make sure a rewrite within the same second still looks new to the importer.
+    for cached in (directory / "__pycache__").glob("app.*.pyc"):
+        cached.unlink()
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    write_app(tmp_path, "v1")
+    return tmp_path
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    started = [int(m) for m in re.findall(r"started worker (\d+)", server.text)]
+    stopped = {int(m) for m in re.findall(r"worker (\d+) (?:stopped|died)", server.text)}
+    return [pid for pid in started if pid not in stopped]
+
+
+def ask(address: tuple[str, int], line: bytes = b"hi\n") -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(line)
+        return read_line(sock)
+
+
+class Load:
+    """Client threads doing connect / request / reply / close until stopped (bounded)."""
+
+    def __init__(self, address: tuple[str, int], threads: int = 4, limit: float = 20.0) -> None:
+        self.address = address
+        self.ok = 0
+        self.failed: list[str] = []
+        self.replies: list[bytes] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + limit
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                reply = ask(self.address)
+                with self._lock:
+                    if reply.endswith(b" hi\n"):
+                        self.ok += 1
+                        self.replies.append(reply)
+                    else:
+                        self.failed.append(repr(reply))
+            except OSError as exc:
+                with self._lock:
+                    self.failed.append(repr(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+
+
+def wait_for(condition: Callable[[], bool], server: ServerProcess, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; server said:\n{server.text}")
+        try:
+            server.read_until(r".", timeout=0.2)
+        except AssertionError:
+            pass
+
+
+def test_killed_worker_is_replaced_while_clients_are_served(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(
+        ["run", "app:Versioned", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
+    )
+    address = host_port(server.urls[0])
+    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    victim = worker_pids(server)[0]
+    load = Load(address)
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    server.read_until(rf"worker {victim} died \(signal SIGKILL\)", timeout=5)
+    server.read_until(r"started worker", timeout=5)
+    before = load.ok
+    time.sleep(0.5)
+    load.stop()
+    assert load.ok > before  # served after the kill
+    assert len(load.failed) <= 4, load.failed  # at most the requests the victim held
+    assert len(worker_pids(server)) == 2
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_sighup_reload_loses_no_connection_and_loads_new_code(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(
+        ["run", "app:Versioned", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
+    )
+    address = host_port(server.urls[0])
+    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    old = set(worker_pids(server))
+    long_lived = socket.create_connection(address, timeout=5)
+    long_lived.sendall(b"before\n")
+    assert read_line(long_lived).startswith(b"v1 ")
+    load = Load(address)
+    time.sleep(0.3)
+    write_app(app_dir, "v2")
+    server.signal(signal.SIGHUP)
+    server.read_until("reload done", timeout=15)
+    time.sleep(0.5)
+    load.stop()
+    assert load.failed == []
+    assert load.ok > 0
+    assert ask(address).startswith(b"v2 ")
+    # The connection opened before the reload is still served by its old worker.
+    long_lived.sendall(b"after\n")
+    assert read_line(long_lived).startswith(b"v1 ")
+    long_lived.close()
+    wait_for(lambda: not old & set(worker_pids(server)), server)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+
+
+def test_ttin_and_ttou_change_the_worker_count(start_server: StartServer, app_dir: Path) -> None:
+    server = start_server(
+        ["run", "app:Versioned", "--workers", "1", "--reload", "--bind", "127.0.0.1:0"],
+        cwd=str(app_dir),
+    )
+    wait_for(lambda: len(worker_pids(server)) == 1, server)
+    server.signal(signal.SIGTTIN)
+    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    server.signal(signal.SIGTTOU)
+    wait_for(lambda: len(worker_pids(server)) == 1, server)
+    assert ask(host_port(server.urls[0])).endswith(b" hi\n")
+
+
+def test_source_change_reloads_workers_with_reload_flag(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(
+        ["run", "app:Versioned", "--reload", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
+    )
+    address = host_port(server.urls[0])
+    wait_for(lambda: len(worker_pids(server)) == 1, server)
+    assert ask(address).startswith(b"v1 ")
+    time.sleep(1.1)  # the scan compares modification times
+    write_app(app_dir, "v2")
+    os.utime(app_dir / "app.py", (time.time() + 5, time.time() + 5))
+    server.read_until("reload done", timeout=15)
+    assert ask(address).startswith(b"v2 ")
+
+
+def test_sigterm_stops_every_worker_and_exits_0(start_server: StartServer, app_dir: Path) -> None:
+    server = start_server(
+        ["run", "app:SlowBlocking", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
+    )
+    address = host_port(server.urls[0])
+    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    pids = worker_pids(server)
+    sock = socket.create_connection(address, timeout=5)
+    sock.sendall(b"x\n")
+    assert read_line(sock) == b"v1 x\n"
+    server.signal(signal.SIGTERM)
+    sock.sendall(b"y\n")  # an open connection is still served while draining
+    assert read_line(sock) == b"v1 y\n"
+    sock.close()
+    assert server.wait() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_worker_boot_failure_stops_the_supervisor(app_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sockserve", "run", "app:Nope", "--workers", "2"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=app_dir,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert "has no attribute 'Nope'" in result.stderr
+    assert "Traceback" not in result.stderr

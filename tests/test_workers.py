@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from conftest import ServerProcess, host_port
 from serving import read_line
 
@@ -225,3 +226,27 @@ def test_worker_boot_failure_stops_the_supervisor(app_dir: Path) -> None:
     assert result.returncode == 2
     assert "has no attribute 'Nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reuse_port_gives_each_worker_its_own_socket(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(
+        ["run", "app:Versioned", "--workers", "2", "--reuse-port", "--bind", "127.0.0.1:0"],
+        cwd=str(app_dir),
+    )
+    address = host_port(server.urls[0])
+    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    pids = set(worker_pids(server))
+    served_by = set()
+    for _ in range(200):
+        served_by.add(int(ask(address).split()[1]))
+        if served_by == pids:
+            break
+    assert served_by == pids  # the kernel spreads connections over both sockets
+    victim = next(iter(pids))
+    os.kill(victim, signal.SIGKILL)
+    server.read_until(r"started worker", timeout=5)
+    assert ask(address).endswith(b" hi\n")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0

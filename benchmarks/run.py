@@ -1,0 +1,784 @@
+"""Side-by-side benchmark of sockserve and reference servers; writes docs/benchmarks.md.
+
+Each server runs as a child pinned to one core, the C load generator (built here with
+``cc -O2`` on first use) on the other. Every point runs all servers one after another,
+repetitions interleaved (A B C A B C ...), and reports medians. Loopback only.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--only NAME[,NAME]] [--duration S]
+        [--repeat N] [--output docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+LOADGEN_SRC = BENCH / "loadgen.c"
+LOADGEN = BENCH / "build" / "loadgen"
+LISTENING = re.compile(r"listening on (tcp|udp)://\[?([^\]\s]+?)\]?:(\d+)")
+LOADGEN_BUSY_LIMIT = 0.9  # a load generator core busier than this may be the bottleneck
+
+# ---- servers -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server under test: how to start it on port 0, and what it is for."""
+
+    name: str
+    proto: str  # "tcp" or "udp"
+    argv: tuple[str, ...]  # after ``python``
+    description: str
+    burst_only: bool = False
+
+
+def _mod(module: str, *args: str) -> tuple[str, ...]:
+    return ("-m", f"benchmarks.servers.{module}", "--bind", "127.0.0.1:0", *args)
+
+
+def _sockserve(*args: str) -> tuple[str, ...]:
+    return ("-m", "sockserve", *args)
+
+
+SERVERS = [
+    ServerSpec("raw-uvloop", "tcp", _mod("raw_uvloop"), "hand-written asyncio.Protocol on uvloop"),
+    ServerSpec(
+        "raw-asyncio",
+        "tcp",
+        _mod("raw_asyncio", "--loop", "asyncio"),
+        "the same Protocol on plain asyncio",
+    ),
+    ServerSpec(
+        "asyncio-streams",
+        "tcp",
+        _mod("asyncio_streams"),
+        "asyncio.start_server streams on uvloop (reference)",
+    ),
+    ServerSpec(
+        "stdlib-threading",
+        "tcp",
+        _mod("stdlib_threading"),
+        "socketserver.ThreadingTCPServer + StreamRequestHandler, stdlib backlog 5",
+    ),
+    ServerSpec(
+        "stdlib-threading-b4096",
+        "tcp",
+        _mod("stdlib_threading", "--backlog", "4096"),
+        "the same with request_queue_size = 4096",
+        burst_only=True,
+    ),
+    ServerSpec(
+        "sockserve-line",
+        "tcp",
+        _sockserve("demo", "--bind", "127.0.0.1:0", "--max-connections", "20000"),
+        "sockserve demo: LineHandler fast path",
+    ),
+    ServerSpec(
+        "sockserve-stream",
+        "tcp",
+        _sockserve(
+            "run",
+            "benchmarks.servers.handlers:UpperStream",
+            "--bind",
+            "127.0.0.1:0",
+            "--max-connections",
+            "20000",
+        ),
+        "sockserve run: async StreamHandler (readline/write/drain)",
+    ),
+    ServerSpec(
+        "sockserve-blocking",
+        "tcp",
+        _sockserve(
+            "run",
+            "benchmarks.servers.handlers:UpperBlocking",
+            "--bind",
+            "127.0.0.1:0",
+            "--max-connections",
+            "20000",
+        ),
+        "sockserve run: the stdlib StreamRequestHandler on the thread pool (default --threads)",
+    ),
+    ServerSpec("raw-udp-uvloop", "udp", _mod("raw_udp"), "hand-written DatagramProtocol on uvloop"),
+    ServerSpec(
+        "raw-udp-asyncio",
+        "udp",
+        _mod("raw_udp", "--loop", "asyncio"),
+        "the same DatagramProtocol on plain asyncio",
+    ),
+    ServerSpec("stdlib-udp", "udp", _mod("stdlib_udp"), "socketserver.UDPServer"),
+    ServerSpec(
+        "sockserve-udp",
+        "udp",
+        _sockserve("demo", "--bind", "udp://127.0.0.1:0"),
+        "sockserve demo on UDP (uvloop)",
+    ),
+    ServerSpec(
+        "sockserve-udp-asyncio",
+        "udp",
+        _sockserve("demo", "--bind", "udp://127.0.0.1:0", "--loop", "asyncio"),
+        "sockserve demo on UDP, --loop asyncio",
+    ),
+]
+
+# ---- points ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """One load shape: a loadgen mode and its parameters."""
+
+    name: str
+    mode: str  # tcp, udp, burst, idle
+    conns: int
+    size: int
+
+    @property
+    def proto(self) -> str:
+        return "udp" if self.mode == "udp" else "tcp"
+
+
+def all_points() -> list[Point]:
+    points = [Point(f"tcp-c{c}-s{s}", "tcp", c, s) for c in (1, 64, 1000) for s in (64, 1024)]
+    points += [
+        Point("udp-c32-s64", "udp", 32, 64),
+        Point("burst-1000", "burst", 1000, 64),
+        Point("idle-10000", "idle", 10000, 64),
+    ]
+    return points
+
+
+def quick_points() -> list[Point]:
+    return [Point("tcp-c64-s64", "tcp", 64, 64), Point("udp-c32-s64", "udp", 32, 64)]
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+
+def _pick_cores() -> tuple[int | None, int | None]:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None, None
+    return available[0], available[1]
+
+
+# Chosen once, before this process pins itself to the load generator's core.
+_CORES = _pick_cores()
+
+
+def cores() -> tuple[int | None, int | None]:
+    """(server core, load generator core), or (None, None) with fewer than two cores."""
+    return _CORES
+
+
+def raise_nofile() -> None:
+    """Raise the open-file soft limit to the hard one; the children inherit it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_loadgen() -> Path:
+    """Compile benchmarks/loadgen.c if the binary is missing or older than the source."""
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+        return LOADGEN
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("no C compiler (cc) found: install gcc to build the load generator")
+    LOADGEN.parent.mkdir(parents=True, exist_ok=True)
+    tmp = LOADGEN.with_suffix(".tmp")
+    subprocess.run(
+        [cc, "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(LOADGEN_SRC)],
+        check=True,
+        timeout=120,
+    )
+    tmp.replace(LOADGEN)
+    return LOADGEN
+
+
+@dataclass
+class Server:
+    """A running server child; its output is drained by a thread into ``lines``."""
+
+    proc: subprocess.Popen[bytes]
+    lines: list[str] = field(default_factory=list)
+    port: int = 0
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def drain(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            if len(self.lines) < 1000:
+                self.lines.append(line)
+            if not self.port and (match := LISTENING.search(line)):
+                self.port = int(match.group(3))
+                self.ready.set()
+        self.ready.set()  # exited: unblock the waiter
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(match.group(1)) if match else 0
+
+    def tail(self) -> str:
+        return "".join(self.lines[-5:]).strip()
+
+
+class ServerFailed(Exception):
+    """The server did not start (its last output lines are the message)."""
+
+
+@contextmanager
+def running(spec: ServerSpec, core: int | None) -> Iterator[Server]:
+    """Start ``spec`` on port 0, wait for its ``listening on`` line, stop it afterwards."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, *spec.argv],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    if core is not None:
+        # Before the interpreter has started any thread, so all of them inherit it.
+        os.sched_setaffinity(proc.pid, {core})
+    server = Server(proc)
+    reader = threading.Thread(target=server.drain, daemon=True)
+    reader.start()
+    try:
+        if not server.ready.wait(20) or not server.port:
+            raise ServerFailed(server.tail() or f"no 'listening on' line (exit {proc.poll()})")
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        reader.join(5)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise ValueError(f"load generator printed no JSON: {text!r}")
+
+
+def loadgen_argv(point: Point, port: int, pid: int, duration: float) -> list[str]:
+    argv = [str(LOADGEN), point.mode, "--port", str(port), "--conns", str(point.conns)]
+    argv += ["--size", str(point.size), "--cpu-pid", str(pid)]
+    if point.mode in ("tcp", "udp"):
+        argv += ["--duration", str(duration)]
+    else:
+        argv += ["--timeout", "5"]
+    return argv
+
+
+def measure(point: Point, spec: ServerSpec, duration: float) -> dict[str, Any]:
+    """One run of one server on one point: the load generator's JSON plus derived figures."""
+    with running(spec, cores()[0]) as server:
+        argv = loadgen_argv(point, server.port, server.proc.pid, duration)
+        if point.mode != "idle":
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=duration + 120,
+                check=False,
+            )
+            result = last_json(done.stdout)
+        else:
+            result = measure_idle(server, argv)
+        if server.proc.poll() is not None:
+            result["errors"] = result.get("errors", 0) + 1
+            result["note"] = f"server exited: {server.tail()}"
+    requests = result.get("requests", 0)
+    if requests and result.get("server_cpu_s", -1) >= 0:
+        result["cpu_us_per_rt"] = result["server_cpu_s"] / requests * 1e6
+    if result.get("seconds") and "loadgen_cpu_s" in result:
+        result["loadgen_busy"] = result["loadgen_cpu_s"] / result["seconds"]
+    return result
+
+
+def measure_idle(server: Server, argv: list[str]) -> dict[str, Any]:
+    """Hold K idle connections; RSS before, while idle, and after one line on each."""
+    time.sleep(0.5)  # let the fresh server finish its start-up allocations
+    before = server.rss_kib()
+    gen = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert gen.stdin is not None and gen.stdout is not None
+    try:
+        first = json.loads(gen.stdout.readline() or "{}")
+        time.sleep(1.0)  # accepts are asynchronous: let the server catch up
+        idle = server.rss_kib()
+        gen.stdin.write("go\n")
+        gen.stdin.flush()
+        result = last_json(gen.stdout.read())
+        after = server.rss_kib()
+    finally:
+        if gen.poll() is None:
+            gen.kill()
+        gen.wait(10)
+        gen.stdin.close()
+        gen.stdout.close()
+    connected = max(first.get("connected", 0), 1)
+    result.update(
+        rss_before_kib=before,
+        rss_idle_kib=idle,
+        rss_after_kib=after,
+        kib_per_conn=(idle - before) / connected,
+        kib_per_conn_after=(after - before) / connected,
+    )
+    return result
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+
+def servers_for(point: Point, only: Sequence[str]) -> list[ServerSpec]:
+    chosen = [s for s in SERVERS if s.proto == point.proto]
+    if point.mode != "burst":
+        chosen = [s for s in chosen if not s.burst_only]
+    if only:
+        chosen = [s for s in chosen if any(name in s.name for name in only)]
+    return chosen
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    points = quick_points() if args.quick else all_points()
+    only = [n for n in args.only.split(",") if n] if args.only else []
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    notes: dict[str, dict[str, str]] = {}
+    for point in points:
+        specs = servers_for(point, only)
+        if not specs:
+            continue
+        runs[point.name] = {s.name: [] for s in specs}
+        notes[point.name] = {}
+        for rep in range(args.repeat):
+            for spec in specs:
+                if spec.name in notes[point.name]:
+                    continue  # failed to start before: skip its other repetitions
+                label = f"{point.name} {spec.name} #{rep + 1}"
+                try:
+                    result = measure(point, spec, args.duration)
+                except ServerFailed as exc:
+                    notes[point.name][spec.name] = f"skipped: did not start ({exc})"
+                    print(f"{label}: skipped, did not start: {exc}", file=sys.stderr)
+                    continue
+                runs[point.name][spec.name].append(result)
+                print(f"{label}: {summary_line(result)}", file=sys.stderr)
+    return {
+        "machine": machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "duration": args.duration,
+        "repeat": args.repeat,
+        "points": {p.name: {"mode": p.mode, "conns": p.conns, "size": p.size} for p in points},
+        "servers": {s.name: s.description for s in SERVERS},
+        "runs": runs,
+        "notes": notes,
+    }
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    keys = (
+        "rps",
+        "p99_us",
+        "cpu_us_per_rt",
+        "loadgen_busy",
+        "all_served_s",
+        "served",
+        "kib_per_conn",
+        "errors",
+        "timeouts",
+    )
+    return " ".join(
+        f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r
+    )
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        uvloop_version = str(getattr(uvloop, "__version__", "unknown"))
+    except ImportError:
+        uvloop_version = "not installed"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "uvloop": uvloop_version,
+        "commit": commit or "unknown",
+        "pinning": "server on core {}, load generator on core {}".format(*cores()),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+# ---- the report ------------------------------------------------------------------------
+
+
+def median(results: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in results if isinstance(r.get(key), (int, float)) and r[key] >= 0]
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+TCP_BASELINE = "raw-uvloop"
+UDP_BASELINE = "raw-udp-uvloop"
+# Each server's second comparison, where the first one is not the fair one.
+PEERS = {
+    "sockserve-blocking": "stdlib-threading",
+    "sockserve-udp-asyncio": "stdlib-udp",
+    "raw-udp-asyncio": "stdlib-udp",
+}
+
+
+def errors_of(results: list[dict[str, Any]]) -> int:
+    return sum(int(r.get("errors", 0)) + int(r.get("timeouts", 0)) for r in results)
+
+
+def flags(results: list[dict[str, Any]], note: str | None) -> str:
+    out = []
+    busy = median(results, "loadgen_busy")
+    if busy is not None and busy > LOADGEN_BUSY_LIMIT:
+        out.append(f"loadgen-bound ({busy:.0%})")
+    if any("note" in r for r in results):
+        out.append(next(r["note"] for r in results if "note" in r).replace("\n", " ")[:120])
+    if note:
+        out.append(note.replace("\n", " ").replace("|", "/")[:160])
+    return "; ".join(out)
+
+
+def throughput_table(data: dict[str, Any], point: str, baseline: str) -> list[str]:
+    runs = data["runs"][point]
+    notes = data["notes"][point]
+    base = runs.get(baseline, [])
+    base_rps, base_cpu = median(base, "rps"), median(base, "cpu_us_per_rt")
+    rows = [
+        f"| server | rps | p99 µs | server CPU µs/rt | rps vs {baseline} "
+        f"| CPU vs {baseline} | vs peer | errors | notes |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for name, results in runs.items():
+        rps, cpu = median(results, "rps"), median(results, "cpu_us_per_rt")
+        peer = PEERS.get(name)
+        peer_text = "-"
+        if peer and peer in runs:
+            peer_ratio = ratio(rps, median(runs[peer], "rps"))
+            peer_text = f"{fmt_ratio(peer_ratio)} {peer} rps" if peer_ratio else "-"
+        lost = ""
+        if data["points"][point]["mode"] == "udp" and results:
+            lost = f" ({int(sum(r.get('lost', 0) for r in results))} lost)"
+        rows.append(
+            f"| {name} | {fmt(rps)} | {fmt(median(results, 'p99_us'))} | {fmt(cpu, 2)} "
+            f"| {fmt_ratio(ratio(rps, base_rps))} | {fmt_ratio(ratio(cpu, base_cpu))} "
+            f"| {peer_text} | {errors_of(results)}{lost} | {flags(results, notes.get(name))} |"
+        )
+    return rows
+
+
+def burst_table(data: dict[str, Any], point: str) -> list[str]:
+    rows = [
+        "| server | all 1,000 served in s | served | refused | resets | timeouts "
+        "| p50 µs | p99 µs | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, results in data["runs"][point].items():
+        all_served = [r["all_served_s"] for r in results]
+        shown = (
+            "not all" if any(v < 0 for v in all_served) else fmt(median(results, "all_served_s"), 3)
+        )
+        rows.append(
+            f"| {name} | {shown} | {fmt(median(results, 'served'))} "
+            f"| {sum(r['refused'] for r in results)} | {sum(r['resets'] for r in results)} "
+            f"| {sum(r['timeouts'] for r in results)} | {fmt(median(results, 'p50_us'))} "
+            f"| {fmt(median(results, 'p99_us'))} "
+            f"| {flags(results, data['notes'][point].get(name))} |"
+        )
+    return rows
+
+
+def idle_table(data: dict[str, Any], point: str) -> list[str]:
+    runs = data["runs"][point]
+    base = median(runs.get(TCP_BASELINE, []), "kib_per_conn")
+    rows = [
+        f"| server | KiB/conn idle | vs {TCP_BASELINE} | KiB/conn after one line "
+        "| RSS before KiB | served | errors | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, results in runs.items():
+        kib = median(results, "kib_per_conn")
+        rows.append(
+            f"| {name} | {fmt(kib, 2)} | {fmt_ratio(ratio(kib, base))} "
+            f"| {fmt(median(results, 'kib_per_conn_after'), 2)} "
+            f"| {fmt(median(results, 'rss_before_kib'))} | {fmt(median(results, 'served'))} "
+            f"| {errors_of(results)} | {flags(results, data['notes'][point].get(name))} |"
+        )
+    return rows
+
+
+@dataclass
+class Target:
+    text: str
+    measured: str
+    shortfall: float | None  # None: not measured; <= 0: met; > 0: missed by this fraction
+
+
+def at_least(value: float | None, goal: float) -> float | None:
+    return None if value is None else (goal - value) / goal
+
+
+def at_most(value: float | None, goal: float) -> float | None:
+    return None if value is None else (value - goal) / goal
+
+
+def point_ratios(
+    data: dict[str, Any], server: str, peer: str, key: str, prefix: str = "tcp-"
+) -> list[tuple[str, float]]:
+    out = []
+    for point, runs in data["runs"].items():
+        if point.startswith(prefix) and server in runs and peer in runs:
+            value = ratio(median(runs[server], key), median(runs[peer], key))
+            if value is not None:
+                out.append((point, value))
+    return out
+
+
+def worst(pairs: list[tuple[str, float]], lowest: bool = True) -> tuple[str, float] | None:
+    if not pairs:
+        return None
+    return (min if lowest else max)(pairs, key=lambda p: p[1])
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    out: list[Target] = []
+    runs = data["runs"]
+
+    def ratio_target(text: str, server: str, peer: str, goal: float, prefix: str) -> None:
+        found = worst(point_ratios(data, server, peer, "rps", prefix))
+        if found is None:
+            out.append(Target(text, "not measured", None))
+        else:
+            point, value = found
+            out.append(Target(text, f"{value:.2f}x (worst: {point})", at_least(value, goal)))
+
+    # Line handler: rps and CPU per round trip, both against the raw uvloop Protocol.
+    rps_w = worst(point_ratios(data, "sockserve-line", TCP_BASELINE, "rps"))
+    cpu_w = worst(point_ratios(data, "sockserve-line", TCP_BASELINE, "cpu_us_per_rt"), lowest=False)
+    if rps_w is None or cpu_w is None:
+        out.append(Target("line handler ≥ 0.95x raw uvloop rps", "not measured", None))
+    else:
+        miss = max(at_least(rps_w[1], 0.95) or 0.0, at_most(cpu_w[1], 1.1) or 0.0)
+        out.append(
+            Target(
+                "line handler ≥ 0.95x raw uvloop Protocol rps at ≤ 1.1x its server CPU per "
+                "round trip",
+                f"rps {rps_w[1]:.2f}x (worst: {rps_w[0]}), CPU {cpu_w[1]:.2f}x (worst: {cpu_w[0]})",
+                miss,
+            )
+        )
+    ratio_target(
+        "async stream handler ≥ 0.8x raw uvloop rps", "sockserve-stream", TCP_BASELINE, 0.8, "tcp-"
+    )
+    ratio_target(
+        "blocking handler under `sockserve run` ≥ 0.9x stdlib ThreadingTCPServer at 64 conns",
+        "sockserve-blocking",
+        "stdlib-threading",
+        0.9,
+        "tcp-c64-",
+    )
+    idle = runs.get("idle-10000", {})
+    base = median(idle.get(TCP_BASELINE, []), "kib_per_conn")
+    for name in ("sockserve-line", "sockserve-stream"):
+        value = ratio(median(idle.get(name, []), "kib_per_conn"), base)
+        out.append(
+            Target(
+                f"10,000 idle connections at ≤ 1.5x raw uvloop memory per connection ({name})",
+                "not measured" if value is None else f"{value:.2f}x",
+                at_most(value, 1.5),
+            )
+        )
+    burst = runs.get("burst-1000", {})
+    for name in ("sockserve-line", "sockserve-stream", "sockserve-blocking"):
+        results = burst.get(name, [])
+        text = f"1,000 simultaneous clients all served within 0.5 s ({name})"
+        if not results:
+            out.append(Target(text, "not measured", None))
+        elif any(r["all_served_s"] < 0 for r in results):
+            served = min(r["served"] for r in results)
+            out.append(Target(text, f"not all served (worst run: {served})", 1.0))
+        else:
+            seconds = median(results, "all_served_s")
+            out.append(Target(text, f"{fmt(seconds, 3)} s", at_most(seconds, 0.5)))
+    ratio_target(
+        "UDP ≥ 0.9x raw uvloop DatagramProtocol", "sockserve-udp", UDP_BASELINE, 0.9, "udp"
+    )
+    ratio_target(
+        "UDP on plain asyncio (`--loop asyncio`) ≥ stdlib UDPServer",
+        "sockserve-udp-asyncio",
+        "stdlib-udp",
+        1.0,
+        "udp",
+    )
+    return out
+
+
+def status(target: Target) -> str:
+    if target.shortfall is None:
+        return "not measured"
+    if target.shortfall <= 0:
+        return "met"
+    return f"missed by {target.shortfall:.0%}"
+
+
+def report(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `benchmarks/run.py` (`make bench`); do not edit by hand. How the",
+        "numbers are taken: [benchmarks/README.md](../benchmarks/README.md).",
+        "",
+        f"- Machine: {m['nproc']} cores, {m['cpu']}, {m['kernel']}",
+        f"- Python {m['python']}, uvloop {m['uvloop']}, sockserve at {m['commit']}",
+        f"- {m['pinning']}; {data['duration']} s per run, median of {data['repeat']} "
+        "interleaved runs",
+        f"- Command: `{data['command']}`",
+        f"- Date: {m['date']}",
+        "",
+        "Throughput points are closed loop: each connection sends one line and waits for its",
+        "uppercase reply. *server CPU µs/rt* is the server's user+system time (all threads) over",
+        "the measured window divided by the round trips. *loadgen-bound* marks runs where the",
+        f"load generator's core was more than {LOADGEN_BUSY_LIMIT:.0%} busy: there the rps",
+        "may be the load generator's limit and the CPU per round trip is the better figure.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | status |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t.text} | {t.measured} | {status(t)} |" for t in targets(data)]
+    lines += ["", "## Servers", "", "| name | what |", "|---|---|"]
+    lines += [f"| {name} | {what} |" for name, what in data["servers"].items()]
+    for point, info in data["points"].items():
+        if point not in data["runs"]:
+            continue
+        mode = info["mode"]
+        lines += ["", f"## {point}", ""]
+        if mode == "tcp":
+            lines.append(
+                f"TCP, {info['conns']} connection(s), {info['size']}-byte lines, closed loop."
+            )
+            lines += ["", *throughput_table(data, point, TCP_BASELINE)]
+        elif mode == "udp":
+            lines.append(
+                f"UDP, {info['conns']} datagrams of {info['size']} bytes in flight over 4"
+                " sockets; a datagram unanswered for 200 ms counts as lost and is resent."
+            )
+            lines += ["", *throughput_table(data, point, UDP_BASELINE)]
+        elif mode == "burst":
+            lines.append(
+                f"{info['conns']} connects issued at the same instant, one line sent on each as"
+                " soon as it connects; time until every reply arrived (5 s limit)."
+            )
+            lines += ["", *burst_table(data, point)]
+        else:
+            lines.append(
+                f"{info['conns']:,} idle connections; server RSS (VmRSS) before, once all are"
+                " connected, and after one line on each (all must be answered)."
+            )
+            lines += ["", *idle_table(data, point)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--quick", action="store_true", help="64 conns x 64 B and UDP only")
+    parser.add_argument("--only", default="", help="servers whose name contains NAME (a,b)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per point")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    args = parser.parse_args(argv)
+    if not 0 < args.duration <= 600 or not 1 <= args.repeat <= 20:
+        parser.error("--duration must be in (0, 600] and --repeat in 1..20")
+    build_loadgen()
+    raise_nofile()
+    _, gen_core = cores()
+    if gen_core is not None:
+        # The load generators inherit this; it also keeps this process off the server's core.
+        os.sched_setaffinity(0, {gen_core})
+    data = run_all(args)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.results / f"{stamp}.json").write_text(json.dumps(data, indent=1) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report(data))
+    print(f"wrote {args.output} and {args.results / (stamp + '.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

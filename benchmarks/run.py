@@ -294,7 +294,7 @@ def loadgen_argv(point: Point, port: int, pid: int, duration: float) -> list[str
     if point.mode in ("tcp", "udp"):
         argv += ["--duration", str(duration)]
     else:
-        argv += ["--timeout", "5"]
+        argv += ["--timeout", "5" if point.mode == "burst" else "10"]
     return argv
 
 
@@ -565,15 +565,16 @@ def idle_table(data: dict[str, Any], point: str) -> list[str]:
     base = median(runs.get(TCP_BASELINE, []), "kib_per_conn")
     rows = [
         f"| server | KiB/conn idle | vs {TCP_BASELINE} | KiB/conn after one line "
-        "| RSS before KiB | served | errors | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| RSS before KiB | connected | served | errors | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, results in runs.items():
         kib = median(results, "kib_per_conn")
         rows.append(
             f"| {name} | {fmt(kib, 2)} | {fmt_ratio(ratio(kib, base))} "
             f"| {fmt(median(results, 'kib_per_conn_after'), 2)} "
-            f"| {fmt(median(results, 'rss_before_kib'))} | {fmt(median(results, 'served'))} "
+            f"| {fmt(median(results, 'rss_before_kib'))} | {fmt(median(results, 'connected'))} "
+            f"| {fmt(median(results, 'served'))} "
             f"| {errors_of(results)} | {flags(results, data['notes'][point].get(name))} |"
         )
     return rows
@@ -761,7 +762,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per point")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--results", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--from-json", type=Path, help="only rewrite the report from a saved results file"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        args.output.write_text(report(json.loads(args.from_json.read_text())))
+        print(f"wrote {args.output}", file=sys.stderr)
+        return 0
     if not 0 < args.duration <= 600 or not 1 <= args.repeat <= 20:
         parser.error("--duration must be in (0, 600] and --repeat in 1..20")
     build_loadgen()

@@ -445,7 +445,7 @@ class ProxyParser:
         """The header's length in bytes once it is complete, else 0."""
         return self._header.length if self._header is not None else 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes from the peer. Ignored once the header was found malformed."""
         if self._error is not None:
             return

@@ -99,7 +99,7 @@ def test_demo_on_every_kind_of_listener(start_server: StartServer, tmp_path: Pat
         (["run", "missing_module:X"], "no module named 'missing_module'"),
         (["run", "app:Missing"], "has no attribute 'Missing'"),
         (["run", "app:NotAHandler"], "is not a handler"),
-        (["run", "app"], "MODULE:ATTRIBUTE"),
+        (["run", "app"], "MODULE:CLASS"),
     ],
 )
 def test_bad_start_fails_in_one_line(app_dir: Path, args: list[str], needle: str) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sockserve import binding
+from sockserve import binding, notify
 from sockserve.binding import Listener
 from sockserve.server import HandlerKindError, Server, addresses_of, bind_all, handler_kind
 from sockserve.settings import Settings, SettingsError, describe
@@ -97,6 +97,8 @@ async def _serve_until_signalled(
             server.abort()
             return
         if not stopping:
+            if started is None:
+                notify.notify("STOPPING=1")
             logger.info(
                 "stopping: finishing open connections (up to %.1f s)",
                 server.settings.graceful_timeout,
@@ -111,9 +113,17 @@ async def _serve_until_signalled(
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     loop.add_signal_handler(signal.SIGTERM, stop, False)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+
+    def reload() -> None:
+        notify.reloading()
+        server.reload_tls()
+        notify.notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if started is not None:
         started(stop)
+    else:
+        notify.notify("READY=1", f"MAINPID={os.getpid()}")
     try:
         await server.wait_closed()
     finally:
@@ -400,6 +410,7 @@ class Supervisor:
                 len(self.workers),
             )
             self.stopping = True
+            notify.notify("STOPPING=1")
             self.stop_deadline = time.monotonic() + self.settings.graceful_timeout + 5.0
             # Close our copies first: the last worker to drain its backlog closes the socket.
             for listener in self.shared:
@@ -497,6 +508,8 @@ class Supervisor:
         worker.ready_fd = -1
         if data:
             worker.ready = True
+            if not self.booted:
+                notify.notify("READY=1", f"MAINPID={os.getpid()}")
             self.booted = True
             if self.reload_generation is not None:
                 self._check_reload()
@@ -534,6 +547,7 @@ class Supervisor:
             if self.reload_generation == worker.generation:
                 logger.error("reload failed: new workers cannot boot; keeping the old ones")
                 self._abort_reload()
+                notify.notify("READY=1")
                 return
             if not self.booted:
                 logger.error("worker failed to boot; stopping")
@@ -561,6 +575,7 @@ class Supervisor:
             logger.info("%s: a reload is already under way", why)
             return
         logger.info("%s: starting %d new worker(s)", why, self.target)
+        notify.reloading()
         self.generation += 1
         self.reload_generation = self.generation
         self.reload_deadline = time.monotonic() + 60.0
@@ -575,6 +590,7 @@ class Supervisor:
                     self._stop_worker(worker, signal.SIGTERM)
             logger.info("reload done: old workers are finishing their connections")
             self.reload_generation = None
+            notify.notify("READY=1")
 
     def _abort_reload(self) -> None:
         for worker in self._live():
@@ -594,6 +610,7 @@ class Supervisor:
         if self.reload_generation is not None and now >= self.reload_deadline:
             logger.error("reload timed out; keeping the old workers")
             self._abort_reload()
+            notify.notify("READY=1")
         if self.settings.reload and not self.stopping and now >= self._next_scan:
             self._next_scan = now + 1.0
             if self._sources_changed():

@@ -15,7 +15,7 @@ import types
 
 import sockserve.socketserver as _ours
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["is_patched", "patch", "unpatch"]
 
 logger = logging.getLogger(__name__)
 

@@ -246,6 +246,7 @@ def test_reuse_port_gives_each_worker_its_own_socket(
     assert served_by == pids  # the kernel spreads connections over both sockets
     victim = next(iter(pids))
     os.kill(victim, signal.SIGKILL)
+    server.read_until(rf"worker {victim} died", timeout=5)
     server.read_until(r"started worker", timeout=5)
     assert ask(address).endswith(b" hi\n")
     server.signal(signal.SIGTERM)

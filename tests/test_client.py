@@ -85,7 +85,8 @@ class UnixServer(socketserver.ThreadingUnixStreamServer):
 @contextmanager
 def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
     """Serve in a thread; shut down, close and join in teardown."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: the stdlib's shutdown() waits up to one interval.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server

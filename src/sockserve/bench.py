@@ -1,0 +1,620 @@
+"""``sockserve bench ADDRESS``: a load generator for line protocols.
+
+Each of ``--connections`` connections sends a line, reads one reply line, and sends the
+next, keeping ``--pipeline`` requests in flight. Latencies go into a log-bucket
+histogram (bounded memory however long the run), the run stops by itself at
+``--duration`` or ``--requests``, and only the given address is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import math
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sockserve.binding import FdAddress, TCPAddress, UDPAddress, UnixAddress, parse_address
+
+__all__ = ["LatencyHistogram", "add_arguments", "run"]
+
+PROG = "sockserve bench"
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+MAX_REPLY = 1 << 20  # a reply line longer than this is a broken server, not a slow one
+CONNECTS_AT_ONCE = 256  # more would overflow the server's backlog and time out in SYN retries
+PAD = b"abcdefghijklmnopqrstuvwxyz"
+
+
+class LatencyHistogram:
+    """Nanosecond latencies in log buckets: 64 per power of two, under 1.6% error.
+
+    Values below 128 ns get a bucket each; above, a bucket spans 1/64 of its power
+    of two, so memory is a few thousand counters whatever the run's length.
+    """
+
+    SUB_BITS = 7
+    _HALF = 1 << (SUB_BITS - 1)
+
+    def __init__(self) -> None:
+        self.counts: list[int] = [0] * ((64 - self.SUB_BITS + 2) * self._HALF)
+        self.count = 0
+        self.max = 0
+        self.min = 0
+
+    def _index(self, value: int) -> int:
+        shift = value.bit_length() - self.SUB_BITS
+        if shift <= 0:
+            return value
+        return (1 << self.SUB_BITS) + (shift - 1) * self._HALF + (value >> shift) - self._HALF
+
+    def _upper(self, index: int) -> int:
+        """The largest value that falls in bucket ``index``."""
+        if index < (1 << self.SUB_BITS):
+            return index
+        shift, offset = divmod(index - (1 << self.SUB_BITS), self._HALF)
+        shift += 1
+        return ((offset + self._HALF + 1) << shift) - 1
+
+    def record(self, value: int) -> None:
+        value = max(value, 0)
+        self.counts[self._index(value)] += 1
+        if self.count == 0 or value < self.min:
+            self.min = value
+        self.count += 1
+        self.max = max(self.max, value)
+
+    def percentile(self, p: float) -> int:
+        """The value at or below which ``p`` percent of the records fall (0 when empty)."""
+        if self.count == 0:
+            return 0
+        rank = max(1, math.ceil(p / 100.0 * self.count))
+        seen = 0
+        for index, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return max(self.min, min(self._upper(index), self.max))
+        return self.max
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sockserve bench``."""
+    parser.description = (
+        "Load a line-protocol server: each connection sends a line of --size bytes and "
+        "reads one reply line, keeping --pipeline requests in flight. Stops at --duration "
+        "or after --requests, whichever comes first, and prints throughput, errors and "
+        "latency percentiles. Exit status 0 when every request got a (matching) reply, "
+        "1 on any error (connect failures, closed connections, mismatches, unanswered "
+        "requests), 130 when stopped with Ctrl-C."
+    )
+    parser.epilog = "ADDRESS: HOST:PORT, tcp://HOST:PORT, [V6]:PORT, unix:/PATH or unix:@NAME."
+    parser.add_argument("address", metavar="ADDRESS", help="where the server listens")
+    parser.add_argument(
+        "-c",
+        "--connections",
+        type=_positive(int),
+        default=64,
+        metavar="N",
+        help="concurrent connections (default 64)",
+    )
+    parser.add_argument(
+        "-s",
+        "--size",
+        type=_at_least(2),
+        default=64,
+        metavar="BYTES",
+        help="request line length, newline included (default 64)",
+    )
+    parser.add_argument(
+        "-d",
+        "--duration",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="stop after this long (default 10)",
+    )
+    parser.add_argument(
+        "-n",
+        "--requests",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="stop after N requests in all (default: no limit but --duration)",
+    )
+    parser.add_argument(
+        "-p",
+        "--pipeline",
+        type=_positive(int),
+        default=1,
+        metavar="K",
+        help="requests in flight per connection (default 1)",
+    )
+    parser.add_argument(
+        "--expect",
+        choices=("upper", "echo", "none"),
+        default="none",
+        help="check each reply: the request uppercased, echoed, or any line (default none)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=5.0,
+        metavar="SECONDS",
+        help="connect timeout; a request still unanswered this long at the end is an "
+        "error (default 5)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop when importable (auto, the default)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def _positive(kind: type[int] | type[float]) -> Any:
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+
+    return convert
+
+
+def _at_least(minimum: int) -> Any:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return value
+
+    return convert
+
+
+@dataclass
+class Options:
+    url: str
+    connect_to: tuple[str, int] | str  # (host, port) or a Unix socket address
+    connections: int
+    size: int
+    duration: float
+    requests: int | None
+    pipeline: int
+    expect: str
+    timeout: float
+    progress: str  # "tty", "lines" or "none"
+
+
+@dataclass
+class Errors:
+    connect: int = 0
+    closed: int = 0
+    mismatch: int = 0
+    unexpected: int = 0  # a reply with no request in flight
+    timeout: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.connect + self.closed + self.mismatch + self.unexpected + self.timeout
+
+
+@dataclass
+class Results:
+    connections: int
+    connected: int = 0
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    elapsed: float = 0.0
+    errors: Errors = field(default_factory=Errors)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    first_connect_error: str | None = None
+    first_close_reason: str | None = None
+    interrupted: bool = False
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: requests out, reply lines in, all in callbacks."""
+
+    def __init__(self, bench: _Bench, index: int) -> None:
+        self.bench = bench
+        self.prefix = f"{index:x}-".encode()
+        self.seq = 0
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.in_flight: collections.deque[tuple[int, bytes | None]] = collections.deque()
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        for _ in range(self.bench.options.pipeline):
+            self._send()
+
+    def _send(self) -> None:
+        bench = self.bench
+        if not bench.take_request():
+            return
+        self.seq += 1
+        body = (self.prefix + b"%x-" % self.seq + PAD * (bench.options.size // 26 + 1))[
+            : bench.options.size - 1
+        ]
+        expected = bench.expected(body)
+        self.in_flight.append((time.perf_counter_ns(), expected))
+        assert self.transport is not None
+        self.transport.write(body + b"\n")
+        bench.results.bytes_sent += len(body) + 1
+
+    def data_received(self, data: bytes) -> None:
+        bench = self.bench
+        bench.results.bytes_received += len(data)
+        buffer = self.buffer
+        start = len(buffer)
+        buffer += data
+        begin = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            self._reply(bytes(buffer[begin:end]))
+            begin = start = end + 1
+        del buffer[:begin]
+        if len(buffer) > MAX_REPLY:
+            bench.close_reason(f"reply line longer than {MAX_REPLY} bytes")
+            bench.results.errors.closed += 1
+            self.lost = True
+            assert self.transport is not None
+            self.transport.abort()
+
+    def _reply(self, line: bytes) -> None:
+        now = time.perf_counter_ns()
+        bench = self.bench
+        if not self.in_flight:
+            bench.results.errors.unexpected += 1
+            return
+        sent, expected = self.in_flight.popleft()
+        bench.in_flight -= 1
+        bench.results.latency.record(now - sent)
+        bench.results.requests += 1
+        if expected is not None and line.rstrip(b"\r") != expected:
+            bench.results.errors.mismatch += 1
+        if not bench.stopping:
+            self._send()
+            bench.check_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        bench = self.bench
+        bench.in_flight -= len(self.in_flight)
+        if not bench.stopping and not self.lost:
+            bench.results.errors.closed += 1
+            bench.close_reason(str(exc) if exc else "server closed the connection")
+        self.lost = True
+        bench.connection_gone(self)
+
+
+class _Bench:
+    """The run: opens connections, hands out the request budget, decides when to stop."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.results = Results(options.connections)
+        self.issued = 0
+        self.in_flight = 0
+        self.stopping = False
+        self.open: set[_Connection] = set()
+        self.pending_connects = options.connections
+        self.done = asyncio.Event()
+        self.start = 0.0
+
+    def take_request(self) -> bool:
+        """One request from the budget, or False when the run should send no more."""
+        limit = self.options.requests
+        if self.stopping or (limit is not None and self.issued >= limit):
+            return False
+        self.issued += 1
+        self.in_flight += 1
+        return True
+
+    def expected(self, body: bytes) -> bytes | None:
+        if self.options.expect == "upper":
+            return body.upper()
+        if self.options.expect == "echo":
+            return body
+        return None
+
+    def check_done(self) -> None:
+        limit = self.options.requests
+        if limit is not None and self.issued >= limit and self.in_flight <= 0:
+            self.stop()
+        elif self.pending_connects == 0 and not self.open:
+            self.stop()  # every connection failed or was closed: nothing left to measure
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def close_reason(self, reason: str) -> None:
+        if self.results.first_close_reason is None:
+            self.results.first_close_reason = reason
+
+    def connection_gone(self, connection: _Connection) -> None:
+        self.open.discard(connection)
+        if not self.stopping:
+            self.check_done()
+
+    async def _connect(self, index: int, gate: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        options = self.options
+        try:
+            async with gate:
+                if self.stopping:
+                    return
+                target = options.connect_to
+                if isinstance(target, str):
+                    coro = loop.create_unix_connection(lambda: _Connection(self, index), target)
+                else:
+                    coro = loop.create_connection(lambda: _Connection(self, index), *target)
+                _, protocol = await asyncio.wait_for(coro, options.timeout)
+            self.results.connected += 1
+            if protocol.lost:  # closed before we got here
+                return
+            self.open.add(protocol)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.results.errors.connect += 1
+            if self.results.first_connect_error is None:
+                self.results.first_connect_error = _reason(exc)
+        finally:
+            self.pending_connects -= 1
+            if not self.stopping:
+                self.check_done()
+
+    async def _progress(self) -> None:
+        mode = self.options.progress
+        interval = 1.0 if mode == "tty" else 5.0
+        while True:
+            await asyncio.sleep(interval)
+            elapsed = time.monotonic() - self.start
+            results = self.results
+            line = (
+                f"{elapsed:5.1f} s  {results.requests / elapsed:10.0f} req/s  "
+                f"{results.requests} requests  {results.errors.total} errors  "
+                f"{len(self.open)} connections"
+            )
+            if mode == "tty":
+                sys.stderr.write(f"\r\033[K{line}")
+            else:
+                sys.stderr.write(f"{PROG}: {line}\n")
+            sys.stderr.flush()
+
+    async def run(self) -> Results:
+        loop = asyncio.get_running_loop()
+        self.start = time.monotonic()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, self._interrupt)
+        stopper = loop.call_later(self.options.duration, self.stop)
+        gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+        connects = [
+            asyncio.ensure_future(self._connect(i, gate)) for i in range(self.options.connections)
+        ]
+        progress = (
+            asyncio.ensure_future(self._progress()) if self.options.progress != "none" else None
+        )
+        try:
+            await self.done.wait()
+        finally:
+            self.stopping = True
+            self.results.elapsed = time.monotonic() - self.start
+            stopper.cancel()
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+            tasks = [*connects, *([progress] if progress else [])]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._count_unanswered()
+            for connection in list(self.open):
+                assert connection.transport is not None
+                connection.transport.abort()
+            for _ in range(2):  # aborted transports close their sockets in a callback
+                await asyncio.sleep(0)
+            if self.options.progress == "tty":
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+        return self.results
+
+    def _interrupt(self) -> None:
+        self.results.interrupted = True
+        self.stop()
+
+    def _count_unanswered(self) -> None:
+        """Requests in flight for longer than --timeout when the run ended are errors."""
+        oldest = time.perf_counter_ns() - int(self.options.timeout * 1e9)
+        for connection in self.open:
+            self.results.errors.timeout += sum(
+                1 for sent, _ in connection.in_flight if sent < oldest
+            )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _new_loop(name: str) -> asyncio.AbstractEventLoop:
+    if name in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if name == "uvloop":
+                raise
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
+    return asyncio.new_event_loop()
+
+
+def summary(results: Results, options: Options) -> dict[str, Any]:
+    """The run's numbers, as printed with --json."""
+    elapsed = results.elapsed or 1e-9
+    errors = results.errors
+    latency = results.latency
+    return {
+        "address": options.url,
+        "connections": options.connections,
+        "connected": results.connected,
+        "size": options.size,
+        "pipeline": options.pipeline,
+        "expect": options.expect,
+        "duration": round(results.elapsed, 3),
+        "requests": results.requests,
+        "throughput": round(results.requests / elapsed, 1),
+        "bytes_sent": results.bytes_sent,
+        "bytes_received": results.bytes_received,
+        "bytes_per_second": round((results.bytes_sent + results.bytes_received) / elapsed, 1),
+        "errors": errors.total,
+        "error_counts": {
+            "connect": errors.connect,
+            "closed": errors.closed,
+            "mismatch": errors.mismatch,
+            "unexpected": errors.unexpected,
+            "timeout": errors.timeout,
+        },
+        "latency_ms": {
+            **{f"p{p:g}": round(latency.percentile(p) / 1e6, 4) for p in PERCENTILES},
+            "max": round(latency.max / 1e6, 4),
+        },
+        "interrupted": results.interrupted,
+    }
+
+
+def _human_bytes(rate: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if rate < 1024:
+            return f"{rate:.1f} {unit}"
+        rate /= 1024
+    return f"{rate:.1f} GiB"
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    counts = data["error_counts"]
+    latency = data["latency_ms"]
+    shown = ", ".join(f"{name} {n}" for name, n in counts.items() if n)
+    lines = [
+        f"address      {data['address']}",
+        f"connections  {data['connections']} ({data['connected']} connected), "
+        f"pipeline {data['pipeline']}, {data['size']}-byte lines, expect {data['expect']}",
+        f"duration     {data['duration']:.2f} s"
+        + (" (interrupted)" if data["interrupted"] else ""),
+        f"requests     {data['requests']}",
+        f"throughput   {data['throughput']:.1f} req/s, "
+        f"{_human_bytes(data['bytes_per_second'])}/s in and out",
+        f"errors       {data['errors']}" + (f" ({shown})" if shown else ""),
+        "latency ms   " + "  ".join(f"{name} {value:.3f}" for name, value in latency.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0 when every request got a good reply, 1 otherwise, 130 on Ctrl-C."""
+    try:
+        address = parse_address(args.address)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    connect_to: tuple[str, int] | str
+    if isinstance(address, TCPAddress):
+        host = address.host or "localhost"
+        connect_to = (host, address.port)
+        url = f"tcp://[{host}]:{address.port}" if ":" in host else f"tcp://{host}:{address.port}"
+    elif isinstance(address, UnixAddress) and not address.datagram:
+        connect_to = address.sockaddr
+        url = f"unix:{address.path}"
+    else:
+        kind = "fd://" if isinstance(address, FdAddress) else "datagram"
+        if isinstance(address, UDPAddress):
+            kind = "udp://"
+        print(
+            f"{PROG}: error: {kind} addresses are not supported; "
+            "give a stream address (tcp or unix)",
+            file=sys.stderr,
+        )
+        return 2
+    progress = "none" if args.quiet else ("tty" if sys.stderr.isatty() else "lines")
+    options = Options(
+        url=url,
+        connect_to=connect_to,
+        connections=args.connections,
+        size=args.size,
+        duration=args.duration,
+        requests=args.requests,
+        pipeline=args.pipeline,
+        expect=args.expect,
+        timeout=args.timeout,
+        progress=progress,
+    )
+    try:
+        loop = _new_loop(args.loop)
+    except ImportError:
+        print(f"{PROG}: error: --loop uvloop: uvloop is not installed", file=sys.stderr)
+        return 2
+    with contextlib.suppress(ImportError, OSError):
+        from sockserve.supervisor import raise_open_file_limit
+
+        raise_open_file_limit()  # a descriptor per connection
+    try:
+        results = loop.run_until_complete(_run(options))
+    except KeyboardInterrupt:  # before the loop's own SIGINT handler was in place
+        return 130
+    finally:
+        loop.close()
+    data = summary(results, options)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        sys.stdout.write(format_summary(data))
+    if results.first_connect_error:
+        print(
+            f"{PROG}: cannot connect to {url}: {results.first_connect_error} "
+            f"({results.errors.connect} of {options.connections} connections failed)",
+            file=sys.stderr,
+        )
+    if results.first_close_reason:
+        print(
+            f"{PROG}: {results.errors.closed} connections lost, the first: "
+            f"{results.first_close_reason}",
+            file=sys.stderr,
+        )
+    if results.interrupted:
+        return 130
+    if results.requests == 0 and not results.errors.total:
+        print(f"{PROG}: no request got a reply", file=sys.stderr)
+        return 1
+    return 1 if results.errors.total else 0
+
+
+async def _run(options: Options) -> Results:
+    return await _Bench(options).run()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog=PROG)
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

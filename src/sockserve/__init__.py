@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sockserve.framing import LineTooLong
 from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
+from sockserve.patch import patch, unpatch
 from sockserve.server import HandlerKindError, Server
 from sockserve.settings import Settings, SettingsError
 from sockserve.supervisor import serve
@@ -24,5 +25,7 @@ __all__ = [
     "SettingsError",
     "StreamHandler",
     "__version__",
+    "patch",
     "serve",
+    "unpatch",
 ]

@@ -104,3 +104,11 @@ def read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return bytes(data)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed the connection without sending anything (FIN or RST)."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True

@@ -230,7 +230,7 @@ def test_plaintext_on_a_tls_port_is_closed_quietly(
             except ConnectionResetError:
                 data = b""
             assert b"127.0.0.1" not in data
-        with raw(server.address) as other:  # the server carries on
+        with raw(server.address):  # the server carries on
             pass
     assert "Traceback" not in caplog.text
     assert sum("TLS handshake failed" in r.getMessage() for r in caplog.records) <= 1
@@ -247,9 +247,9 @@ def test_silent_peers_do_not_hold_up_tls_handshakes(
             sock.sendall(b"x\n")
             assert read_line(sock).startswith(b"127.0.0.1")
         assert time.monotonic() - started < 0.4
-        for sock in silent:
-            assert closed_by_server(sock)
-            sock.close()
+        for peer in silent:
+            assert closed_by_server(peer)
+            peer.close()
 
 
 def test_mutual_tls(loop: str, ca: trustme.CA, certs: dict[str, str]) -> None:

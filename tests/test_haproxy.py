@@ -1,0 +1,181 @@
+"""A real HAProxy on loopback in front of sockserve, speaking PROXY v1 and v2."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_program
+from serving import closed_by_server, read_line, serving
+
+import sockserve
+from sockserve.proxy_protocol import parse_prefix
+
+pytestmark = pytest.mark.external
+
+CLIENT_IP = "127.0.0.2"  # the test client connects from here; the handler must see it
+
+
+class Who(sockserve.LineHandler):
+    def handle_line(self, line: bytes) -> bytes:
+        unique = self.proxy.unique_id.decode() if self.proxy and self.proxy.unique_id else "-"
+        version = self.proxy.version if self.proxy else 0
+        return f"{self.client_address[0]} v{version} {unique}\n".encode()
+
+
+class BlockingWho(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for _ in self.rfile:
+            self.wfile.write(f"{self.client_address[0]}\n".encode())
+
+
+class HAProxy:
+    """haproxy -db with frontends on sockets we bound (fd@N), so no port is guessed."""
+
+    def __init__(self, tmp: Path, backends: dict[str, str]) -> None:
+        self.frontends: dict[str, socket.socket] = {}
+        sections = [
+            "global\n    maxconn 2000\n",
+            "defaults\n    mode tcp\n    timeout connect 5s\n"
+            "    timeout client 30s\n    timeout server 30s\n",
+        ]
+        for name, server_line in backends.items():
+            front = socket.socket()
+            front.bind(("127.0.0.1", 0))
+            front.listen(128)
+            self.frontends[name] = front
+            sections.append(
+                f"frontend fe_{name}\n    bind fd@{front.fileno()}\n"
+                "    unique-id-format %{+X}o\\ %ci_%Ts_%rt\n"
+                f"    default_backend be_{name}\n"
+                f"backend be_{name}\n    server s1 {server_line}\n"
+            )
+        config = tmp / "haproxy.cfg"
+        config.write_text("\n".join(sections))
+        haproxy = require_program("haproxy")
+        fds = [s.fileno() for s in self.frontends.values()]
+        check = subprocess.run(
+            [haproxy, "-c", "-f", str(config)],
+            pass_fds=fds,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.proc = subprocess.Popen(
+            [haproxy, "-db", "-f", str(config)],
+            pass_fds=fds,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def connect(self, name: str) -> socket.socket:
+        sock = socket.socket()
+        sock.settimeout(5)
+        sock.bind((CLIENT_IP, 0))
+        sock.connect(self.frontends[name].getsockname())
+        return sock
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        for front in self.frontends.values():
+            front.close()
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path) -> Iterator[object]:
+    started: list[HAProxy] = []
+
+    def start(backends: dict[str, str]) -> HAProxy:
+        proxy = HAProxy(tmp_path, backends)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.close()
+
+
+@pytest.mark.parametrize("handler", [Who, BlockingWho], ids=lambda h: h.__name__)
+def test_haproxy_v1_and_v2_give_the_real_client_address(haproxy: object, handler: type) -> None:
+    with serving(handler, "asyncio", proxy_protocol="any") as server:
+        port = server.address[1]
+        proxy = haproxy(  # type: ignore[operator]
+            {
+                "v1": f"127.0.0.1:{port} send-proxy",
+                "v2": f"127.0.0.1:{port} send-proxy-v2 proxy-v2-options unique-id,crc32c",
+            }
+        )
+        for name in ("v1", "v2"):
+            for _ in range(3):
+                with proxy.connect(name) as sock:
+                    sock.sendall(b"who\n")
+                    reply = read_line(sock).decode()
+                    assert reply.startswith(CLIENT_IP), (name, reply)
+                    if handler is Who:
+                        assert f" {name} " in reply
+                        if name == "v2":  # the unique-id TLV made it to the handler
+                            assert reply.split()[2].startswith("7F000002")
+
+
+def test_peers_without_a_valid_header_are_refused(haproxy: object) -> None:
+    seen: list[bytes] = []
+
+    class Record(sockserve.LineHandler):
+        def handle_line(self, line: bytes) -> bytes:
+            seen.append(line)
+            return line
+
+    with serving(Record, "asyncio", proxy_protocol="v2", handshake_timeout=1) as server:
+        port = server.address[1]
+        proxy = haproxy(  # type: ignore[operator]
+            {"plain": f"127.0.0.1:{port}", "v1": f"127.0.0.1:{port} send-proxy"}
+        )
+        for name in ("plain", "v1"):  # no header, and a v1 header where v2 is required
+            with proxy.connect(name) as sock:
+                sock.sendall(b"sneaky\n")
+                assert closed_by_server(sock)
+        with socket.create_connection(server.address, timeout=5) as direct:
+            direct.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhi\n")  # v1 when v2 is required
+            assert closed_by_server(direct)
+        assert seen == []
+        assert server.server.stats.rejected_by_reason["bad PROXY header"] >= 3
+
+
+def test_haproxy_header_parses_as_haproxy_sends_it(tmp_path: Path, haproxy: object) -> None:
+    """Capture HAProxy's bytes on a plain socket and check the sans-IO parser agrees."""
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(8)
+    backend.settimeout(5)
+    port = backend.getsockname()[1]
+    proxy = haproxy(  # type: ignore[operator]
+        {"v2": f"127.0.0.1:{port} send-proxy-v2 proxy-v2-options unique-id,crc32c,authority"}
+    )
+    with proxy.connect("v2") as sock:
+        sock.sendall(b"payload\n")
+        conn, _ = backend.accept()
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while not data.endswith(b"payload\n"):
+                chunk = conn.recv(4096)
+                assert chunk
+                data += chunk
+    backend.close()
+    header = parse_prefix(data)
+    assert header is not None and header.version == 2 and header.command == "PROXY"
+    assert isinstance(header.source, tuple) and header.source[0] == CLIENT_IP
+    assert data[header.length :] == b"payload\n"

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_program
-from serving import closed_by_server, read_line, serving
 
 import sockserve
+from conftest import require_program
+from serving import closed_by_server, read_line, serving
 from sockserve.proxy_protocol import parse_prefix
 
 pytestmark = pytest.mark.external

@@ -122,7 +122,9 @@ def test_uppercase_server() -> None:
     assert summary["errors"] == 0
     assert summary["connected"] == 4
     assert summary["throughput"] > 0
-    assert summary["bytes_sent"] == summary["bytes_received"] == 64 * summary["requests"]
+    answered = 64 * summary["requests"]  # plus at most one request in flight per connection:
+    assert answered <= summary["bytes_sent"] <= answered + 4 * 64
+    assert answered <= summary["bytes_received"] <= answered + 4 * 64
     assert 0.9 <= summary["duration"] < 5
     assert_percentiles_ordered(summary)
     assert "Traceback" not in result.stderr

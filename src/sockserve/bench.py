@@ -155,6 +155,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="event loop: uvloop when importable (auto, the default)",
     )
+    parser.add_argument(
+        "--progress-interval",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="progress on stderr this often (default 1 on a terminal, else 5)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -197,6 +204,7 @@ class Options:
     expect: str
     timeout: float
     progress: str  # "tty", "lines" or "none"
+    progress_interval: float
 
 
 @dataclass
@@ -379,7 +387,7 @@ class _Bench:
 
     async def _progress(self) -> None:
         mode = self.options.progress
-        interval = 1.0 if mode == "tty" else 5.0
+        interval = self.options.progress_interval
         while True:
             await asyncio.sleep(interval)
             elapsed = time.monotonic() - self.start
@@ -565,6 +573,7 @@ def run(args: argparse.Namespace) -> int:
         expect=args.expect,
         timeout=args.timeout,
         progress=progress,
+        progress_interval=args.progress_interval or (1.0 if progress == "tty" else 5.0),
     )
     try:
         loop = _new_loop(args.loop)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import pytest
 
 REQUIRE_ALL = os.environ.get("SOCKSERVE_REQUIRE_ALL") == "1"
-LISTENING = re.compile(r"listening on (\S+)")
+# A bound socket's line, in text or JSON logs (not the "metrics listening on" line).
+LISTENING = re.compile(r"(?<!metrics )listening on ([^\s\"]+)")
 
 
 def require_program(name: str) -> str:

@@ -229,6 +229,14 @@ def test_unix_socket(tmp_path: Path) -> None:
     assert result.summary["requests"] == 40
 
 
+def test_abstract_unix_socket() -> None:
+    name = f"sockserve-bench-test-{os.getpid()}"
+    with serving(UnixServer("\0" + name, UpperLines)):
+        result = bench(f"unix:@{name}", "-c", "2", "-n", "40", "--expect", "upper", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.summary["requests"] == 40
+
+
 def test_asyncio_loop() -> None:
     with tcp_server(UpperLines) as address:
         result = bench(address, "-c", "2", "-n", "40", "--loop", "asyncio", "--expect", "upper")

@@ -225,6 +225,23 @@ def test_unix_socket(tmp_path: Path) -> None:
     assert result.stdout == "OVER UNIX\n"
 
 
+def test_abstract_unix_socket() -> None:
+    name = f"sockserve-client-test-{os.getpid()}"
+    with serving(UnixServer("\0" + name, UpperLines)):
+        result = client(f"unix:@{name}", b"abstract\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ABSTRACT\n"
+
+
+def test_tls_usage_errors(tmp_path: Path) -> None:
+    missing = client("127.0.0.1:1", b"", "--tls", "--tls-ca", str(tmp_path / "none.pem"))
+    unix = client("unix:/tmp/x.sock", b"", "--tls")
+    udp = client("udp://127.0.0.1:1", b"", "--tls")
+    for result in (missing, unix, udp):
+        assert result.returncode == 2
+        assert result.stderr.startswith("sockserve client: error:"), result.stderr
+
+
 def test_missing_unix_socket(tmp_path: Path) -> None:
     result = client(f"unix:{tmp_path}/none.sock", b"x\n")
     assert result.returncode == 1

@@ -359,6 +359,20 @@ class _Bench:
         if not self.stopping:
             self.check_done()
 
+    async def _connect_unix(
+        self, path: str, index: int
+    ) -> tuple[asyncio.BaseTransport, _Connection]:
+        """Connect our own socket: uvloop takes no abstract name (NUL-led) as a path."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, path)
+            return await loop.create_unix_connection(lambda: _Connection(self, index), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
     async def _connect(self, index: int, gate: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
         options = self.options
@@ -368,7 +382,7 @@ class _Bench:
                     return
                 target = options.connect_to
                 if isinstance(target, str):
-                    coro = loop.create_unix_connection(lambda: _Connection(self, index), target)
+                    coro = self._connect_unix(target, index)
                 else:
                     coro = loop.create_connection(lambda: _Connection(self, index), *target)
                 _, protocol = await asyncio.wait_for(coro, options.timeout)

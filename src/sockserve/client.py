@@ -73,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tls = parser.add_argument_group("TLS (stream addresses only)")
     tls.add_argument("--tls", action="store_true", help="speak TLS to the server")
-    tls.add_argument("--tls-ca", metavar="FILE", help="trust this CA bundle (PEM) instead")
+    tls.add_argument(
+        "--tls-ca", metavar="FILE", help="trust the CAs in this PEM file instead of the system's"
+    )
     tls.add_argument(
         "--tls-insecure", action="store_true", help="do not verify the server's certificate"
     )
@@ -114,7 +116,8 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The client's TLS context from --tls-ca and --tls-insecure."""
     context = ssl.create_default_context(cafile=args.tls_ca)
     if args.tls_insecure:
         context.check_hostname = False
@@ -122,18 +125,18 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     return context
 
 
-def connect(address: Address, args: argparse.Namespace) -> socket.socket:
+def connect(
+    address: Address, args: argparse.Namespace, context: ssl.SSLContext | None = None
+) -> socket.socket:
     """A connected socket for ``address``; raise ServerGone saying why it cannot be had."""
     url = describe(address)
     try:
         if isinstance(address, TCPAddress):
             host = address.host or "localhost"
             sock = socket.create_connection((host, address.port), timeout=args.timeout)
-            if args.tls:
+            if context is not None:
                 try:
-                    sock = _tls_context(args).wrap_socket(
-                        sock, server_hostname=args.tls_server_name or host
-                    )
+                    sock = context.wrap_socket(sock, server_hostname=args.tls_server_name or host)
                 except BaseException:
                     sock.close()
                     raise
@@ -155,8 +158,9 @@ def connect(address: Address, args: argparse.Namespace) -> socket.socket:
             if address.datagram:
                 sock.bind("")  # an autobound abstract name, so the server can reply
             sock.connect(address.sockaddr)
-        if args.tls:
-            sock = _tls_context(args).wrap_socket(sock, server_hostname=args.tls_server_name)
+        if context is not None:
+            with _closing_on_error(sock):
+                sock = context.wrap_socket(sock, server_hostname=args.tls_server_name)
         return sock
     except (OSError, ssl.SSLError) as exc:
         raise ServerGone(f"cannot connect to {url}: {_reason(exc)}") from None
@@ -311,11 +315,21 @@ def run(args: argparse.Namespace) -> int:
     datagram = isinstance(address, UDPAddress) or (
         isinstance(address, UnixAddress) and address.datagram
     )
-    if args.tls and datagram:
-        _note("error: --tls needs a stream address (tcp or unix)")
-        return 2
+    context = None
+    if args.tls:
+        if datagram:
+            _note("error: --tls needs a stream address (tcp or unix)")
+            return 2
+        if isinstance(address, UnixAddress) and not (args.tls_server_name or args.tls_insecure):
+            _note("error: --tls on a Unix socket needs --tls-server-name or --tls-insecure")
+            return 2
+        try:
+            context = tls_context(args)
+        except (OSError, ssl.SSLError) as exc:
+            _note(f"error: --tls-ca {args.tls_ca}: {_reason(exc)}")
+            return 2
     try:
-        sock = connect(address, args)
+        sock = connect(address, args, context)
     except ServerGone as exc:
         _note(str(exc))
         return 1

@@ -6,14 +6,26 @@ metrics library call); the metrics exporter reads them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["JSONFormatter", "Stats", "configure_logging", "log_access"]
+from sockserve.settings import SettingsError, describe
+
+__all__ = [
+    "JSONFormatter",
+    "Metrics",
+    "MetricsEndpoint",
+    "Stats",
+    "configure_logging",
+    "log_access",
+]
 
 access_logger = logging.getLogger("sockserve.access")
 
@@ -100,3 +112,140 @@ def log_access(
             "close_reason": reason,
         },
     )
+
+
+class Metrics:
+    """Prometheus metrics fed from ``Stats`` (prometheus_client, imported only when used).
+
+    With ``multiprocess_dir`` the values live in files there (prometheus_client's
+    multiprocess mode), so any worker's endpoint reports the sum over all workers.
+    Create it before forking workers.
+    """
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        if multiprocess_dir is not None:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+        try:
+            from prometheus_client import CollectorRegistry, Gauge, values
+            from prometheus_client import Counter as PromCounter
+        except ImportError:
+            raise SettingsError(
+                f"{describe('metrics')}: needs prometheus_client (pip install 'sockserve[metrics]')"
+            ) from None
+        if multiprocess_dir is not None and not isinstance(
+            values.ValueClass, type(values.MultiProcessValue())
+        ):
+            # prometheus_client picks its value class at import; it was imported earlier.
+            values.ValueClass = values.MultiProcessValue()
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = None if multiprocess_dir else self.registry
+
+        def counter(name: str, help_text: str, labels: tuple[str, ...] = ()) -> Any:
+            return PromCounter(name, help_text, labels, registry=registry)
+
+        self.connections = counter("sockserve_connections", "Connections accepted.")
+        self.bytes_received = counter("sockserve_bytes_received", "Bytes received.")
+        self.bytes_sent = counter("sockserve_bytes_sent", "Bytes sent.")
+        self.handler_errors = counter("sockserve_handler_errors", "Handler exceptions.")
+        self.rejected = counter(
+            "sockserve_rejected_connections", "Connections refused, by reason.", ("reason",)
+        )
+        self.datagrams = counter("sockserve_datagrams", "Datagrams received.")
+        self.oversized = counter(
+            "sockserve_datagrams_oversized", "Datagrams dropped for exceeding max_datagram."
+        )
+        self.restarts = counter("sockserve_worker_restarts", "Workers replaced after dying.")
+        self.active = Gauge(
+            "sockserve_connections_active",
+            "Open connections.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._flushed: dict[str, int] = {}
+        self._flushed_reasons: Counter[str] = Counter()
+        if multiprocess_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+
+    def flush(self, stats: Stats, active: int) -> None:
+        """Add what ``stats`` counted since the last flush (cheap: a few additions)."""
+        for name, metric in (
+            ("connections_total", self.connections),
+            ("bytes_received", self.bytes_received),
+            ("bytes_sent", self.bytes_sent),
+            ("handler_errors", self.handler_errors),
+            ("datagrams", self.datagrams),
+            ("datagrams_oversized", self.oversized),
+        ):
+            value = getattr(stats, name)
+            delta = value - self._flushed.get(name, 0)
+            if delta:
+                metric.inc(delta)
+                self._flushed[name] = value
+        for reason, count in stats.rejected_by_reason.items():
+            delta = count - self._flushed_reasons[reason]
+            if delta:
+                self.rejected.labels(reason=reason).inc(delta)
+                self._flushed_reasons[reason] = count
+        self.active.set(active)
+
+    def worker_restarted(self) -> None:
+        self.restarts.inc()
+
+    def worker_exited(self, pid: int) -> None:
+        if self.multiprocess_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return bytes(generate_latest(self.registry))
+
+
+class MetricsEndpoint(asyncio.Protocol):
+    """Answers ``GET /metrics`` on the metrics listener: a few lines, not an HTTP server."""
+
+    MAX_REQUEST = 8192
+
+    def __init__(self, render: Callable[[], bytes]) -> None:
+        self.render = render
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(10.0, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
+            if len(self.buffer) > self.MAX_REQUEST:
+                self.transport.close()
+            return
+        request_line = self.buffer.split(b"\n", 1)[0].split()
+        if (
+            len(request_line) >= 2
+            and request_line[0] == b"GET"
+            and (request_line[1] == b"/metrics" or request_line[1].startswith(b"/metrics?"))
+        ):
+            body = self.render()
+            status = b"200 OK"
+            kind = b"text/plain; version=0.0.4; charset=utf-8"
+        else:
+            body, status, kind = b"not found\n", b"404 Not Found", b"text/plain"
+        self.transport.write(
+            b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status, kind, len(body))
+            + body
+        )
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()

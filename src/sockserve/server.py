@@ -22,7 +22,7 @@ from sockserve import binding
 from sockserve.binding import Listener
 from sockserve.blocking import BlockingPool, is_blocking_handler
 from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
-from sockserve.observability import Stats, log_access
+from sockserve.observability import Metrics, Stats, log_access
 from sockserve.settings import Settings
 
 __all__ = ["HandlerKindError", "Server"]
@@ -287,6 +287,8 @@ class Server:
         *,
         listeners: Iterable[Listener] | None = None,
         owns_listeners: bool = True,
+        metrics: Metrics | None = None,
+        metrics_listener: Listener | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
@@ -306,6 +308,9 @@ class Server:
         self._pool: BlockingPool | None = None
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.metrics = metrics
+        self._metrics_listener = metrics_listener
+        self._metrics_server: asyncio.AbstractServer | None = None
         self._overload_log = _RateLimitedLog()
         self._oversize_log = _RateLimitedLog()
         self._reject_log = _RateLimitedLog(interval=1.0)
@@ -356,10 +361,12 @@ class Server:
         for endpoint in self._datagram:
             endpoint.start()
         self._update_accepting()
-        if settings.idle_timeout:
-            self._schedule_sweep()
         for listener in self.listeners:
             logger.info("listening on %s", listener.url)
+        if settings.metrics:
+            await self._start_metrics()
+        if settings.idle_timeout or self.metrics is not None:
+            self._schedule_sweep()
 
     async def wait_closed(self) -> None:
         """Wait until the server has stopped."""
@@ -601,24 +608,49 @@ class Server:
     # -- housekeeping --------------------------------------------------------------------
 
     def _schedule_sweep(self) -> None:
-        interval = min(1.0, max(0.05, self.settings.idle_timeout / 10))
+        timeout = self.settings.idle_timeout
+        interval = min(1.0, max(0.05, timeout / 10)) if timeout else 1.0
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections that received nothing for ``idle_timeout`` seconds.
+        """Once a second or so: close idle connections, push counters to the metrics.
 
-        Reads per-connection byte counters instead of stamping a time on every read.
+        Idleness is read from per-connection byte counters instead of a time stamped on
+        every read.
         """
         now = self.loop.time()
         timeout = self.settings.idle_timeout
-        for conn in list(self._connections):
-            since, seen = conn._idle_mark
-            if conn.bytes_in != seen:
-                conn._idle_mark = (now, conn.bytes_in)
-            elif now - since >= timeout and not conn._closed:
-                logger.info("closing %s: idle for %.1f s", conn.client_address, now - since)
-                conn._abort("idle timeout")
+        if timeout:
+            for conn in list(self._connections):
+                since, seen = conn._idle_mark
+                if conn.bytes_in != seen:
+                    conn._idle_mark = (now, conn.bytes_in)
+                elif now - since >= timeout and not conn._closed:
+                    logger.info("closing %s: idle for %.1f s", conn.client_address, now - since)
+                    conn._abort("idle timeout")
+        if self.metrics is not None:
+            self.metrics.flush(self.stats, self._open)
         self._schedule_sweep()
+
+    def _render_metrics(self) -> bytes:
+        assert self.metrics is not None
+        self.metrics.flush(self.stats, self._open)
+        return self.metrics.render()
+
+    async def _start_metrics(self) -> None:
+        """Serve /metrics: our own listener, or the supervisor's shared one."""
+        from sockserve.observability import Metrics, MetricsEndpoint
+
+        if self.metrics is None:
+            self.metrics = Metrics()
+        if self._metrics_listener is None:
+            assert self.settings.metrics is not None
+            address = binding.parse_address(self.settings.metrics)
+            self._metrics_listener = binding.bind(address, backlog=128)[0]
+            log_metrics_url(self._metrics_listener)
+        self._metrics_server = await self.loop.create_server(
+            lambda: MetricsEndpoint(self._render_metrics), sock=self._metrics_listener.sock
+        )
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -652,6 +684,10 @@ class Server:
     async def _finish(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.metrics is not None:
+            self.metrics.flush(self.stats, self._open)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -674,6 +710,12 @@ def _in_networks(address: Any, networks: Iterable[Any]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
+
+
+def log_metrics_url(listener: Listener) -> None:
+    host, port = listener.sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    logger.info("metrics listening on http://%s:%d/metrics", host, port)
 
 
 def addresses_of(settings: Settings) -> list[binding.Address]:

@@ -12,9 +12,11 @@ import os
 import pwd
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -23,7 +25,15 @@ from typing import Any, NoReturn
 
 from sockserve import binding, notify
 from sockserve.binding import Listener
-from sockserve.server import HandlerKindError, Server, addresses_of, bind_all, handler_kind
+from sockserve.observability import Metrics
+from sockserve.server import (
+    HandlerKindError,
+    Server,
+    addresses_of,
+    bind_all,
+    handler_kind,
+    log_metrics_url,
+)
 from sockserve.settings import Settings, SettingsError, describe
 
 __all__ = ["HandlerImportError", "load_handler", "new_event_loop", "run_server", "serve"]
@@ -139,11 +149,19 @@ def run_server(
     *,
     owns_listeners: bool = True,
     started: Callable[[Callable[[bool], None]], None] | None = None,
+    metrics: tuple[Metrics, Listener] | None = None,
 ) -> None:
     """Serve in this process until a signal stops it."""
     loop = new_event_loop(settings.loop)
     try:
-        server = Server(handler, settings, listeners=listeners, owns_listeners=owns_listeners)
+        server = Server(
+            handler,
+            settings,
+            listeners=listeners,
+            owns_listeners=owns_listeners,
+            metrics=metrics[0] if metrics else None,
+            metrics_listener=metrics[1] if metrics else None,
+        )
         loop.run_until_complete(_serve_until_signalled(server, started))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
@@ -280,7 +298,8 @@ class Supervisor:
         self.booted = False
         self.exit_code = 0
         self.restarts = 0
-        self.metrics: Any = None
+        self.metrics: tuple[Metrics, Listener] | None = None
+        self.metrics_dir = ""
         self._mtimes: dict[str, float] = {}
         self._next_scan = 0.0
 
@@ -321,6 +340,8 @@ class Supervisor:
         self._bind()
         for listener in self.shared + self.first_reuse:
             logger.info("listening on %s", listener.url)
+        if self.settings.metrics:
+            self._start_metrics()
         drop_privileges(self.settings.user, self.settings.group)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -364,9 +385,26 @@ class Supervisor:
             os.close(self._alive_w)
             for listener in self.shared:
                 listener.close()
+            if self.metrics is not None:
+                self.metrics[1].close()
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
         logger.info("supervisor stopped")
         if self.exit_code:
             raise SupervisorError(self.exit_code)
+
+    def _start_metrics(self) -> None:
+        """Metrics in multiprocess mode (one file per worker), on a socket every worker serves."""
+        assert self.settings.metrics is not None
+        self.metrics_dir = tempfile.mkdtemp(prefix="sockserve-metrics-")
+        try:
+            metrics = Metrics(self.metrics_dir)
+            address = binding.parse_address(self.settings.metrics)
+            listener = binding.bind(address, backlog=128)[0]
+        except BaseException:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            raise
+        self.metrics = (metrics, listener)
+        log_metrics_url(listener)
 
     def _queue_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
@@ -490,7 +528,14 @@ class Supervisor:
 
                 loop.add_reader(alive_r, supervisor_gone)
 
-            run_server(handler, self.settings, listeners, owns_listeners=False, started=started)
+            run_server(
+                handler,
+                self.settings,
+                listeners,
+                owns_listeners=False,
+                started=started,
+                metrics=self.metrics,
+            )
         except BaseException:
             logger.exception("worker %d failed", os.getpid())
             code = 1
@@ -535,7 +580,7 @@ class Supervisor:
                 os.close(worker.ready_fd)
             code = os.waitstatus_to_exitcode(status)
             if self.metrics is not None:
-                self.metrics.worker_exited(pid)
+                self.metrics[0].worker_exited(pid)
             self._worker_exited(worker, code)
 
     def _worker_exited(self, worker: _Worker, code: int) -> None:
@@ -557,7 +602,7 @@ class Supervisor:
         logger.error("worker %d died (%s); starting a new one", worker.pid, cause)
         self.restarts += 1
         if self.metrics is not None:
-            self.metrics.worker_restarted()
+            self.metrics[0].worker_restarted()
         if time.monotonic() - worker.started < CRASH_WINDOW:
             self.crashes += 1
             delay = min(MAX_BACKOFF, 0.1 * 2 ** min(self.crashes, 10))

@@ -139,6 +139,7 @@ class LineHandler(_Connection):
     """
 
     _async: ClassVar[bool] = False
+    _fast: bool = True  # sync handler and nothing buffered: whole-line chunks skip the framer
     _framer: LineFramer | None = None  # created only once a line arrives in pieces
     _queue: deque[bytes] | None = None
     _task: asyncio.Task[None] | None = None
@@ -147,6 +148,7 @@ class LineHandler(_Connection):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._async = inspect.iscoroutinefunction(cls.handle_line)
+        cls._fast = not cls._async
 
     def handle_line(self, line: bytes) -> bytes | Awaitable[bytes | None] | None:
         """Answer one line; the default echoes it."""
@@ -163,7 +165,7 @@ class LineHandler(_Connection):
         self.bytes_in += len(data)
         # Fast path: nothing buffered and the chunk is exactly one line, the usual case
         # for request/response traffic. Same outcome as the framer, without its calls.
-        if self._framer is None and not self._async:
+        if self._fast:
             end = data.find(b"\n")
             if end == len(data) - 1 and end < self._max_line:
                 try:
@@ -177,6 +179,7 @@ class LineHandler(_Connection):
                 return
         if self._framer is None:
             self._framer = LineFramer(self._max_line)
+            self._fast = False
         try:
             self._framer.feed(data)
         except LineTooLong:
@@ -192,7 +195,8 @@ class LineHandler(_Connection):
         while (line := framer.next_line()) is not None:
             lines.append(line)
         if framer.empty:
-            self._framer = None  # back to the fast path
+            self._framer = None
+            self._fast = not self._async
         if self._async:
             self._queue_lines(lines)
             return

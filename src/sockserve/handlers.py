@@ -49,7 +49,7 @@ class _Connection(asyncio.Protocol):
     bytes_in: int = 0
     bytes_out: int = 0
     _opened: float = 0.0
-    _idle_mark: tuple[float, int] = (0.0, 0)  # (when, bytes_in then), for the idle sweep
+    _idle_mark: tuple[float, int] = (0.0, 0)  # (when, bytes moved then), for the idle sweep
 
     def _attach(self, server: Server, client_address: Any, listener: str) -> None:
         self.server = server

@@ -615,16 +615,17 @@ class Server:
     def _sweep(self) -> None:
         """Once a second or so: close idle connections, push counters to the metrics.
 
-        Idleness is read from per-connection byte counters instead of a time stamped on
-        every read.
+        A connection is idle while no byte moves either way; that is read from its byte
+        counters instead of a time stamped on every read.
         """
         now = self.loop.time()
         timeout = self.settings.idle_timeout
         if timeout:
             for conn in list(self._connections):
                 since, seen = conn._idle_mark
-                if conn.bytes_in != seen:
-                    conn._idle_mark = (now, conn.bytes_in)
+                moved = conn.bytes_in + conn.bytes_out
+                if moved != seen:
+                    conn._idle_mark = (now, moved)
                 elif now - since >= timeout and not conn._closed:
                     logger.info("closing %s: idle for %.1f s", conn.client_address, now - since)
                     conn._abort("idle timeout")

@@ -287,6 +287,27 @@ def test_listen_fds_for_this_pid_without_bind_is_served(spawn: Spawn) -> None:
         stop(server)
 
 
+def test_listen_fds_naming_descriptors_that_are_not_open_fails_in_one_line() -> None:
+    launcher = (
+        "import os, sys\n"
+        "os.environ.update(LISTEN_FDS='2', LISTEN_PID=str(os.getpid()))\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'sockserve', 'demo'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", launcher],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "LISTEN_FDS=2" in lines[0]
+    assert "descriptor 3 is not open" in lines[0]
+
+
 # -- fd://N ------------------------------------------------------------------------------
 
 

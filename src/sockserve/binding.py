@@ -307,6 +307,10 @@ def systemd_listeners(environ: Mapping[str, str] | None = None) -> list[FdAddres
     result = []
     for i in range(count):
         fd = SD_LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            message = f"LISTEN_FDS={count} but descriptor {fd} is not open"
+            raise OSError(exc.errno, message) from None
         result.append(FdAddress(fd, names[i] if i < len(names) else None))
     return result

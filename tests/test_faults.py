@@ -1,0 +1,285 @@
+"""Fault injection: misbehaving peers, exhausted descriptors and signals under load.
+
+Each test starts a real server process on loopback port 0, injects one fault, and asserts
+a bound that breaks if the failure behaviour in docs/reliability.md stops holding. Run
+them alone with ``pytest -m fault``; ``-s`` shows the figures each one measured.
+"""
+
+from __future__ import annotations
+
+import select
+import selectors
+import socket
+import struct
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from faultkit import (
+    Proc,
+    address_of,
+    cpu_seconds,
+    dripper_result,
+    ms,
+    open_fds,
+    percentile,
+    raise_nofile,
+    read_line,
+    report,
+    round_trips,
+    rss_bytes,
+    start_drippers,
+)
+
+pytestmark = pytest.mark.fault
+
+Spawn = Callable[..., Proc]
+MB = 1024 * 1024
+
+APP = """
+import socketserver
+import sockserve
+
+
+class StreamUpper(sockserve.StreamHandler):
+    async def handle(self):
+        while line := await self.readline():
+            self.write(line.upper())
+            await self.drain()
+
+
+class BlockingUpper(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line.upper())
+
+
+class Sizes(sockserve.DatagramHandler):
+    def handle_datagram(self, data, client_address):
+        return b"%d" % len(data)
+"""
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start ``python -m sockserve ARGS`` and wait until it listens; stop it in teardown."""
+    procs: list[Proc] = []
+
+    def start(
+        args: Sequence[str], *, listeners: int = 1, cwd: str | None = None, nofile: int = 0
+    ) -> Proc:
+        proc = Proc(args, cwd=cwd, nofile=nofile or None)
+        procs.append(proc)
+        return proc.start(listeners)
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "faultapp.py").write_text(textwrap.dedent(APP))
+    return tmp_path
+
+
+def serve_app(spawn: Spawn, app_dir: Path, handler: str, *args: str) -> Proc:
+    """``demo`` for the line handler, else ``run faultapp:HANDLER``."""
+    command = ["demo"] if handler == "line" else ["run", f"faultapp:{handler}"]
+    return spawn([*command, "--bind", "127.0.0.1:0", *args], cwd=str(app_dir))
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a reset instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def ask(address: tuple[str, int], request: bytes = b"still here\n") -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(request)
+        return read_line(sock)
+
+
+# -- slowloris ---------------------------------------------------------------------------
+
+DRIPPERS = 2000
+
+
+def test_slowloris_drippers_do_not_slow_a_normal_client(spawn: Spawn) -> None:
+    """2,000 peers dripping a byte a second are all kept; a normal client's p99 holds."""
+    raise_nofile()
+    server = spawn(["demo", "--bind", "127.0.0.1:0"])
+    address = address_of(server.urls[0])
+    round_trips(address, 100)  # warm up
+    baseline = round_trips(address, 300, period=0.005)
+    drippers = start_drippers(address, DRIPPERS, interval=1.0, duration=3.5)
+    try:
+        cpu_before = cpu_seconds(server.pid)
+        started = time.monotonic()
+        loaded = round_trips(address, 400, period=0.005)
+        cpu = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - started)
+        held = open_fds(server.pid)
+        rss = rss_bytes(server.pid)
+        result = dripper_result(drippers, timeout=30)
+    finally:
+        if drippers.poll() is None:
+            drippers.kill()
+            drippers.communicate()
+    p99_base, p99_loaded = percentile(baseline, 99), percentile(loaded, 99)
+    report(
+        "slowloris",
+        drippers=DRIPPERS,
+        p50_without=ms(percentile(baseline, 50)),
+        p99_without=ms(p99_base),
+        p50_with=ms(percentile(loaded, 50)),
+        p99_with=ms(p99_loaded),
+        server_fds=held,
+        server_cpu=f"{cpu:.0%}",
+        server_rss_mb=f"{rss / MB:.1f}",
+        closed_early=result["closed"],
+    )
+    assert result["closed"] == 0  # the default idle timeout is 300 s
+    assert held >= DRIPPERS
+    assert p99_loaded <= max(5 * p99_base, p99_base + 0.020)
+
+
+def test_slowloris_drippers_are_closed_at_the_idle_timeout(spawn: Spawn) -> None:
+    """With --idle-timeout 0.5 a peer silent for 0.5 s is closed, however many there are."""
+    raise_nofile()
+    idle = 0.5
+    server = spawn(["demo", "--bind", "127.0.0.1:0", "--idle-timeout", str(idle)])
+    address = address_of(server.urls[0])
+    drippers = start_drippers(address, DRIPPERS, interval=1.0, duration=3.0)
+    try:
+        result = dripper_result(drippers, timeout=30)
+    finally:
+        if drippers.poll() is None:
+            drippers.kill()
+            drippers.communicate()
+    after = result["closed_after"]
+    report(
+        "slowloris-idle-timeout",
+        drippers=DRIPPERS,
+        closed=result["closed"],
+        min_silence_before_close=ms(min(after)),
+        max_silence_before_close=ms(max(after)),
+    )
+    assert result["closed"] == DRIPPERS
+    assert min(after) >= idle - 0.02  # not before the timeout
+    assert max(after) <= idle + 1.0  # and not long after it
+    assert ask(address) == b"STILL HERE\n"
+
+
+# -- out of descriptors ------------------------------------------------------------------
+
+
+def answered(socks: list[socket.socket], requests: list[bytes], timeout: float) -> int:
+    """How many of ``socks`` got their request back upper-cased within ``timeout``."""
+    got = 0
+    with selectors.DefaultSelector() as selector:
+        for i, sock in enumerate(socks):
+            selector.register(sock, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and selector.get_map():
+            for key, _ in selector.select(left):
+                selector.unregister(key.fileobj)
+                reply = read_line(socks[key.data])
+                assert reply == requests[key.data].upper(), reply
+                got += 1
+    return got
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_out_of_descriptors_backs_off_quietly_and_recovers(spawn: Spawn, loop: str) -> None:
+    """RLIMIT_NOFILE 64 and 150 clients: little CPU, a log line or two, then serves again."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    server = spawn(["demo", "--bind", "127.0.0.1:0", "--loop", loop], nofile=64)
+    address = address_of(server.urls[0])
+    requests = [b"client %d\n" % i for i in range(150)]
+    clients = []
+    try:
+        for request in requests:
+            sock = socket.create_connection(address, timeout=5)
+            sock.sendall(request)
+            clients.append(sock)
+        served = answered(clients, requests, timeout=1.0)
+        server.wait_for("backing off", timeout=5)
+        cpu_before = cpu_seconds(server.pid)
+        time.sleep(1.0)  # saturated: measure what it burns meanwhile
+        cpu = cpu_seconds(server.pid) - cpu_before
+        logged = server.count("backing off")
+    finally:
+        for sock in clients:
+            sock.close()
+    started = time.monotonic()
+    assert ask(address) == b"STILL HERE\n"
+    recovery = time.monotonic() - started
+    report(
+        f"out-of-descriptors[{loop}]",
+        clients=len(requests),
+        served_while_saturated=served,
+        cpu_seconds_per_second=f"{cpu:.3f}",
+        backing_off_lines=logged,
+        recovery=ms(recovery),
+    )
+    assert 0 < served < len(requests)
+    assert cpu < 0.3
+    assert 1 <= logged <= 3
+    assert "Traceback" not in server.text
+
+
+# -- a peer that sends and never reads ---------------------------------------------------
+
+
+@pytest.mark.parametrize("handler", ["line", "StreamUpper", "BlockingUpper"])
+def test_peer_that_never_reads_is_not_buffered(spawn: Spawn, app_dir: Path, handler: str) -> None:
+    """A peer pushing lines for 2.5 s without reading: the server stops reading from it,
+    its memory stays flat, and another client is served all along."""
+    server = serve_app(spawn, app_dir, handler)
+    address = address_of(server.urls[0])
+    round_trips(address, 20)
+    rss_before = rss_bytes(server.pid)
+    peak = rss_before
+    hog = socket.create_connection(address, timeout=5)
+    hog.setblocking(False)
+    chunk = (b"y" * 1023 + b"\n") * 64
+    sent = sent_at_1s = 0
+    latencies: list[float] = []
+    with socket.create_connection(address, timeout=5) as other:
+        started = time.monotonic()
+        next_request = started
+        while (now := time.monotonic()) - started < 2.5:
+            if now >= next_request:  # the other client: one round trip every 10 ms
+                other.sendall(b"other\n")
+                assert read_line(other) == b"OTHER\n"
+                latencies.append(time.monotonic() - now)
+                next_request = now + 0.01
+                peak = max(peak, rss_bytes(server.pid))
+            if not sent_at_1s and now - started >= 1.0:
+                sent_at_1s = sent or 1
+            try:
+                sent += hog.send(chunk)
+            except BlockingIOError:
+                select.select([], [hog], [], max(0.0, next_request - time.monotonic()))
+    abort(hog)
+    growth = peak - rss_before
+    report(
+        f"non-reader[{handler}]",
+        pushed_mb=f"{sent / MB:.1f}",
+        pushed_after_first_second_mb=f"{(sent - sent_at_1s) / MB:.2f}",
+        rss_growth_mb=f"{growth / MB:.1f}",
+        other_requests=len(latencies),
+        other_p99=ms(percentile(latencies, 99)),
+        other_max=ms(max(latencies)),
+    )
+    assert growth < 64 * MB
+    assert sent < 64 * MB  # loopback would take gigabytes in 2.5 s from a reading server
+    assert sent - sent_at_1s < 4 * MB  # and the peer stopped getting anywhere
+    assert len(latencies) >= 100
+    assert max(latencies) < 0.5
+    assert ask(address) == b"STILL HERE\n"

@@ -228,7 +228,7 @@ enum { C_NEW, C_CONNECTING, C_READY, C_SENDING, C_WAITING, C_DONE, C_FAILED };
 struct conn {
     int fd, state, retries;
     int sent, got;
-    long long start_ns;
+    long long start_ns, done;
     unsigned long long seq;
     char *req, *rep;
 };
@@ -472,6 +472,7 @@ static int run_tcp(void)
             } else if (r > 0) {
                 record(now - c->start_ns);
                 requests++;
+                c->done++;
                 if (!is_upper_of(c->rep, c->req, opt.size))
                     mismatches++;
                 if (now < deadline && send_request(i, seq++) < 0)
@@ -481,13 +482,16 @@ static int run_tcp(void)
     }
     double secs = (double)(now_ns() - start) / 1e9;
     double cpu = self_cpu_s() - cpu0, srv1 = proc_cpu_s(opt.cpu_pid);
-    long long alive = 0;
-    for (int i = 0; i < opt.conns; i++)
+    long long alive = 0, starved = 0;   /* starved: open, but never answered */
+    for (int i = 0; i < opt.conns; i++) {
         alive += conns[i].state != C_FAILED && conns[i].state != C_NEW;
+        starved += conns[i].state != C_FAILED && conns[i].state != C_NEW && conns[i].done == 0;
+    }
     n_errors += mismatches;
     printf("{\"mode\": \"tcp\", \"conns\": %d, \"size\": %d, \"requests\": %lld, "
-           "\"seconds\": %.6f, \"rps\": %.1f, \"mismatches\": %lld, \"alive\": %lld, ",
-           opt.conns, opt.size, requests, secs, (double)requests / secs, mismatches, alive);
+           "\"seconds\": %.6f, \"rps\": %.1f, \"mismatches\": %lld, \"alive\": %lld, "
+           "\"starved\": %lld, ", opt.conns, opt.size, requests, secs, (double)requests / secs,
+           mismatches, alive, starved);
     print_common(connected, connect_s);
     print_latency();
     printf(", \"loadgen_cpu_s\": %.6f, \"server_cpu_s\": %.6f}\n", cpu,

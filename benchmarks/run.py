@@ -114,7 +114,8 @@ SERVERS = [
             "--max-connections",
             "20000",
         ),
-        "sockserve run: the stdlib StreamRequestHandler on the thread pool (default --threads)",
+        "sockserve run: the stdlib StreamRequestHandler on the bounded thread pool (default"
+        " --threads 128: at most 128 connections served at once, the rest wait)",
     ),
     ServerSpec("raw-udp-uvloop", "udp", _mod("raw_udp"), "hand-written DatagramProtocol on uvloop"),
     ServerSpec(
@@ -496,7 +497,13 @@ PEERS = {
 
 
 def errors_of(results: list[dict[str, Any]]) -> int:
-    return sum(int(r.get("errors", 0)) + int(r.get("timeouts", 0)) for r in results)
+    """Wrong replies, resets, refusals, timeouts and (tcp, idle) connections never made."""
+    total = 0
+    for r in results:
+        total += sum(int(r.get(k, 0)) for k in ("errors", "timeouts", "resets", "refused"))
+        if r.get("mode") in ("tcp", "idle"):
+            total += max(0, int(r.get("conns", 0)) - int(r.get("connected", 0)))
+    return total
 
 
 def flags(results: list[dict[str, Any]], note: str | None) -> str:
@@ -504,6 +511,9 @@ def flags(results: list[dict[str, Any]], note: str | None) -> str:
     busy = median(results, "loadgen_busy")
     if busy is not None and busy > LOADGEN_BUSY_LIMIT:
         out.append(f"loadgen-bound ({busy:.0%})")
+    starved = median(results, "starved")
+    if starved:
+        out.append(f"{starved:.0f} connections never answered in the window")
     if any("note" in r for r in results):
         out.append(next(r["note"] for r in results if "note" in r).replace("\n", " ")[:120])
     if note:
@@ -707,7 +717,8 @@ def report(data: dict[str, Any]) -> str:
         f"- {m['pinning']}; {data['duration']} s per run, median of {data['repeat']} "
         "interleaved runs",
         f"- Command: `{data['command']}`",
-        f"- Date: {m['date']}",
+        f"- Date: {m['date']}; {m.get('load', 'load average not recorded')} (other work on"
+        " the machine adds noise: compare the CPU per round trip first)",
         "",
         "Throughput points are closed loop: each connection sends one line and waits for its",
         "uppercase reply. *server CPU µs/rt* is the server's user+system time (all threads) over",
@@ -778,7 +789,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if gen_core is not None:
         # The load generators inherit this; it also keeps this process off the server's core.
         os.sched_setaffinity(0, {gen_core})
+    load_before = os.getloadavg()
     data = run_all(args)
+    load_after = os.getloadavg()
+    data["machine"]["load"] = (
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min)"
+    )
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.results / f"{stamp}.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -157,6 +157,20 @@ class Proc:
             self.urls.append(match.group(1))
         return self
 
+    def wait_count(self, pattern: str, n: int, timeout: float = 10.0) -> int:
+        """Wait until ``n`` lines match; return how many do (fewer only after the timeout)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = scanned = 0
+        with self._changed:
+            while True:
+                seen += sum(1 for line in self.lines[scanned:] if regex.search(line))
+                scanned = len(self.lines)
+                left = deadline - time.monotonic()
+                if seen >= n or left <= 0 or self._eof:
+                    return seen
+                self._changed.wait(left)
+
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
         with self._changed:

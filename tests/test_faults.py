@@ -7,6 +7,7 @@ them alone with ``pytest -m fault``; ``-s`` shows the figures each one measured.
 
 from __future__ import annotations
 
+import random
 import select
 import selectors
 import socket
@@ -283,3 +284,174 @@ def test_peer_that_never_reads_is_not_buffered(spawn: Spawn, app_dir: Path, hand
     assert len(latencies) >= 100
     assert max(latencies) < 0.5
     assert ask(address) == b"STILL HERE\n"
+
+
+# -- resets, half-closes, garbage, long lines --------------------------------------------
+
+STREAM_HANDLERS = ["line", "StreamUpper", "BlockingUpper"]
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("handler", STREAM_HANDLERS)
+def test_resets_and_vanishing_peers_leak_nothing(
+    spawn: Spawn, app_dir: Path, handler: str, loop: str
+) -> None:
+    """Peers that reset mid-write, connect and vanish, or stop mid-line: no traceback, no
+    descriptor left behind, others served."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    server = serve_app(spawn, app_dir, handler, "--loop", loop, "--access-log")
+    address = address_of(server.urls[0])
+    assert ask(address) == b"STILL HERE\n"
+    server.wait_count(r" in=\d+ out=\d+ ", 1)
+    fds_before = open_fds(server.pid)
+    burst = b"".join(b"line %d\n" % i for i in range(100_000))  # 1.2 MB of replies to come
+    connections = 1
+    for _ in range(30):  # reset while the server is writing replies
+        sock = socket.create_connection(address, timeout=5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.setblocking(False)
+        try:
+            sock.send(burst)
+        except BlockingIOError:
+            pass
+        sock.setblocking(True)
+        assert sock.recv(1)  # replies are flowing
+        abort(sock)
+        connections += 1
+    for i in range(100):  # connect and vanish: reset, or a plain close
+        sock = socket.create_connection(address, timeout=5)
+        abort(sock) if i % 2 else sock.close()
+        connections += 1
+    for _ in range(30):  # half a line, then a reset
+        sock = socket.create_connection(address, timeout=5)
+        sock.sendall(b"half a li")
+        abort(sock)
+        connections += 1
+    assert ask(address) == b"STILL HERE\n"
+    connections += 1
+    logged = server.wait_count(r" in=\d+ out=\d+ ", connections, timeout=10)
+    fds_after = open_fds(server.pid)
+    report(
+        f"resets[{handler},{loop}]",
+        connections=connections,
+        access_log_records=logged,
+        fds_before=fds_before,
+        fds_after=fds_after,
+    )
+    assert logged == connections
+    assert fds_after <= fds_before
+    assert "Traceback" not in server.text
+    assert "handler error" not in server.text
+
+
+@pytest.mark.parametrize("handler", STREAM_HANDLERS)
+def test_half_close_still_gets_the_replies(spawn: Spawn, app_dir: Path, handler: str) -> None:
+    server = serve_app(spawn, app_dir, handler)
+    with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
+        sock.sendall(b"one\ntwo\nlast without newline")
+        sock.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert bytes(data) == b"ONE\nTWO\nLAST WITHOUT NEWLINE"
+
+
+@pytest.mark.parametrize("handler", STREAM_HANDLERS)
+def test_garbage_bytes_are_lines_like_any_other(spawn: Spawn, app_dir: Path, handler: str) -> None:
+    """NUL bytes, invalid UTF-8, random binary, a 60 KB line dripped over a second: each line
+    comes back exactly upper-cased, nothing is decoded, nothing is logged."""
+    rng = random.Random(1234)
+    lines = [
+        b"\x00" * 100 + b"\n",
+        b"\xff\xfe\xc3\x28 not utf-8 \xed\xa0\x80\n",
+        *(
+            bytes(rng.choice(range(256)) for _ in range(rng.randrange(2000))).replace(b"\n", b"")
+            + b"\n"
+            for _ in range(200)
+        ),
+    ]
+    server = serve_app(spawn, app_dir, handler)
+    address = address_of(server.urls[0])
+    with socket.create_connection(address, timeout=5) as sock:
+        for line in lines:
+            sock.sendall(line)
+            assert read_line(sock) == line.upper()
+        long_line = rng.randbytes(60_000).replace(b"\n", b"\0")
+        for i in range(0, len(long_line), 6_000):  # no newline for a second
+            sock.sendall(long_line[i : i + 6_000])
+            time.sleep(0.1)
+        sock.sendall(b"\n")
+        assert read_line(sock) == long_line.upper() + b"\n"
+    assert "Traceback" not in server.text
+    assert "WARNING" not in server.text
+
+
+@pytest.mark.parametrize("handler", ["line", "StreamUpper"])
+def test_twenty_megabyte_line_closes_only_that_peer(
+    spawn: Spawn, app_dir: Path, handler: str
+) -> None:
+    server = serve_app(spawn, app_dir, handler)
+    address = address_of(server.urls[0])
+    rss_before = rss_bytes(server.pid)
+    sent = 0
+    with socket.create_connection(address, timeout=5) as other:
+        with socket.create_connection(address, timeout=5) as sock:
+            chunk = b"x" * 65536
+            try:
+                while sent < 20 * MB:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                ended = read_line(sock)  # the whole line went in: it must be closed now
+            except ConnectionError:
+                ended = b""
+        rss_growth = rss_bytes(server.pid) - rss_before
+        other.sendall(b"other\n")
+        assert read_line(other) == b"OTHER\n"
+    server.wait_for("line longer than 65536 bytes")
+    report(
+        f"long-line[{handler}]",
+        accepted_mb=f"{sent / MB:.2f}",
+        rss_growth_mb=f"{rss_growth / MB:.1f}",
+    )
+    assert ended == b""
+    assert sent < 20 * MB
+    assert rss_growth < 16 * MB
+    assert "Traceback" not in server.text
+
+
+def test_oversized_datagrams_are_reported_never_truncated(spawn: Spawn, app_dir: Path) -> None:
+    import urllib.request
+
+    server = spawn(
+        [
+            *("run", "faultapp:Sizes", "--bind", "udp://127.0.0.1:0"),
+            *("--max-datagram", "1000", "--metrics", "127.0.0.1:0"),
+        ],
+        cwd=str(app_dir),
+    )
+    metrics_url = server.wait_for(r"metrics listening on (\S+)").group(1)
+    address = address_of(server.urls[0])
+    sizes = [1, 999, 1000, 1001, 4000, 65507, 0, 1000]
+    replies = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5)
+        for size in sizes:
+            udp.sendto(b"d" * size, address)
+            if size <= 1000:  # the reply also proves the oversized ones before it were seen
+                replies.append(udp.recv(100))
+        udp.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            udp.recv(100)
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    counter = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("sockserve_datagrams_oversized_total")
+    )
+    report("oversized-datagrams", sent=len(sizes), answered=len(replies), counter=counter)
+    assert replies == [b"%d" % size for size in sizes if size <= 1000]
+    assert counter == 3
+    assert server.count("larger than 1000 bytes") >= 1

@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sockserve.framing import LineFramer, LineTooLong
@@ -274,20 +274,47 @@ class LineHandler(_Connection):
             self.server._handler_error(self.client_address, error)
 
 
+_LINE, _SOME, _EXACTLY, _ALL = range(4)  # what a pending read waits for
+
+
+class _Ready:
+    """An awaitable that is already done: ``drain()`` with nothing to wait for."""
+
+    __slots__ = ()
+    _done = iter(())
+
+    def __await__(self) -> Iterator[None]:
+        return self._done  # an exhausted iterator: the await returns None at once
+
+
+_READY = _Ready()
+
+
 class StreamHandler(_Connection):
     """One instance and one task per connection: ``setup()``, ``await handle()``, ``finish()``.
 
     ``setup`` and ``finish`` may be plain or async. Read with ``readline``, ``read`` and
     ``readexactly``, write with ``write`` and ``await drain()``. ``readline`` raises
     LineTooLong past ``max_line`` (uncaught, it closes the connection with that reason).
+
+    Reads return futures, completed by the protocol as data arrives, so a line costs
+    no coroutine of the framework's.
     """
 
     _buffer: bytearray
-    _scanned: int = 0  # the first _scanned bytes of the buffer hold no newline
     _eof: bool = False
-    _waiter: asyncio.Future[None] | None = None
+    _waiter: asyncio.Future[bytes] | None = None
+    _want: int = _LINE
+    _wanted: int = 0  # the n of read(n) / readexactly(n)
     _reading_paused: bool = False
     _task: asyncio.Task[None] | None = None
+    _simple_hooks: ClassVar[bool] = True  # setup and finish are plain functions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._simple_hooks = not (
+            inspect.iscoroutinefunction(cls.setup) or inspect.iscoroutinefunction(cls.finish)
+        )
 
     async def handle(self) -> None:
         """Serve the connection; return to close it."""
@@ -295,137 +322,203 @@ class StreamHandler(_Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._buffer = bytearray()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = loop = asyncio.get_running_loop()
+        if self._simple_hooks:
+            try:
+                self.setup()
+            except Exception as exc:
+                self._handler_error(exc)
+                return
+            self._task = loop.create_task(self.handle())
+            self._task.add_done_callback(self._handle_done)
+        else:
+            self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
+        """setup, handle and finish, for handlers with async setup or finish."""
         try:
             result = self.setup()
             if inspect.isawaitable(result):
                 await result
             await self.handle()
-        except LineTooLong:
-            self._line_too_long()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self._set_reason(f"error: {exc}" if str(exc) else type(exc).__name__)
-        except asyncio.CancelledError:
-            self._set_reason(self._close_reason or "cancelled")
+        except BaseException as exc:
+            self._ended(exc)
+        try:
+            result = self.finish()
+            if inspect.isawaitable(result):
+                await result
         except Exception as exc:
             self._handler_error(exc)
-        finally:
-            try:
-                result = self.finish()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                self._handler_error(exc)
-            self._task = None
-            if not self._closed:
-                self._set_reason("closed by handler")
-                self._transport.close()
+        self._close_after_handler()
+
+    def _handle_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._set_reason("cancelled")
+        elif (exc := task.exception()) is not None:
+            self._ended(exc)
+        try:
+            self.finish()
+        except Exception as exc:
+            self._handler_error(exc)
+        self._close_after_handler()
+
+    def _ended(self, exc: BaseException) -> None:
+        """Why handle() ended, when it raised."""
+        if isinstance(exc, LineTooLong):
+            self._line_too_long()
+        elif isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)):
+            self._set_reason(f"error: {exc}" if str(exc) else type(exc).__name__)
+        elif isinstance(exc, asyncio.CancelledError):
+            self._set_reason("cancelled")
+        elif isinstance(exc, Exception):
+            self._handler_error(exc)
+        else:
+            raise exc
+
+    def _close_after_handler(self) -> None:
+        self._task = None
+        if not self._closed:
+            self._set_reason("closed by handler")
+            self._transport.close()
 
     # Protocol side
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        waiter = self._waiter
+        if waiter is not None and self._want == _LINE and not self._buffer:
+            # Fast path: a readline is waiting and this chunk is exactly one line.
+            end = data.find(b"\n")
+            if end == len(data) - 1 and end < self._max_line and not waiter.done():
+                self._waiter = None
+                waiter.set_result(data)
+                return
         self._buffer += data
-        if (waiter := self._waiter) is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if waiter is not None:
+            self._fulfil()
         if len(self._buffer) > READ_AHEAD + self._max_line and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof = True
-        self._wake()
+        self._fulfil()
         return True  # the handler may still write; it closes when it returns
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._eof = True
-        self._wake()
+        self._fulfil()
 
-    def _wake(self) -> None:
-        if (waiter := self._waiter) is not None:
+    def _fulfil(self) -> None:
+        """Complete the pending read if the buffer (or the end of the stream) allows."""
+        waiter = self._waiter
+        if waiter is None:
+            return
+        if waiter.done():  # cancelled by its task
             self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+            return
+        try:
+            result = self._take()
+        except LineTooLong as exc:
+            self._waiter = None
+            waiter.set_exception(exc)
+            return
+        except asyncio.IncompleteReadError as exc:
+            self._waiter = None
+            waiter.set_exception(exc)
+            return
+        if result is not None:
+            self._waiter = None
+            waiter.set_result(result)
 
-    async def _wait_for_data(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            self._transport.resume_reading()
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        await waiter
-
-    def _consumed(self) -> None:
-        if self._reading_paused and len(self._buffer) <= READ_AHEAD:
-            self._reading_paused = False
-            self._transport.resume_reading()
-
-    # Handler side
-    async def readline(self) -> bytes:
-        """The next line with its ``b"\\n"``; at end of stream the rest, then ``b""``."""
+    def _take(self) -> bytes | None:
+        """What the current read wants from the buffer, or None if it must wait."""
         buffer = self._buffer
-        while (end := buffer.find(b"\n", self._scanned)) < 0:
-            if len(buffer) > self._max_line:
+        want = self._want
+        if want == _LINE:
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) > self._max_line:
+                    raise LineTooLong(self._max_line)
+                if not self._eof:
+                    return None
+                end = len(buffer) - 1  # the unterminated last line, or b"" at the end
+            elif end >= self._max_line:
                 raise LineTooLong(self._max_line)
-            if self._eof:
-                line = bytes(buffer)
-                buffer.clear()
-                self._scanned = 0
-                return line
-            self._scanned = len(buffer)
-            await self._wait_for_data()
-        if end >= self._max_line:
-            raise LineTooLong(self._max_line)
-        line = bytes(buffer[: end + 1])
-        del buffer[: end + 1]
-        self._scanned = 0
-        if self._reading_paused:
-            self._consumed()
-        return line
-
-    async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (at least one unless at end of stream); -1 reads to the end."""
-        buffer = self._buffer
-        if n < 0:
-            while not self._eof:
-                await self._wait_for_data()
-            n = len(buffer)
-        elif n == 0:
-            return b""
-        while not buffer and not self._eof:
-            await self._wait_for_data()
-        data = bytes(buffer[:n])
-        del buffer[:n]
-        self._scanned = 0
-        self._consumed()
-        return data
-
-    async def readexactly(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; asyncio.IncompleteReadError if the stream ends first."""
-        buffer = self._buffer
-        while len(buffer) < n:
-            if self._eof:
+            size = end + 1
+        elif want == _SOME:
+            if not buffer and not self._eof:
+                return None
+            size = self._wanted
+        elif want == _EXACTLY:
+            if len(buffer) < self._wanted:
+                if not self._eof:
+                    return None
                 partial = bytes(buffer)
                 buffer.clear()
-                raise asyncio.IncompleteReadError(partial, n)
-            await self._wait_for_data()
-        data = bytes(buffer[:n])
-        del buffer[:n]
-        self._scanned = 0
-        self._consumed()
+                raise asyncio.IncompleteReadError(partial, self._wanted)
+            size = self._wanted
+        else:
+            if not self._eof:
+                return None
+            size = len(buffer)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        if self._reading_paused and len(buffer) <= READ_AHEAD:
+            self._reading_paused = False
+            self._transport.resume_reading()
         return data
 
-    async def drain(self) -> None:
+    def _read(self, want: int, wanted: int = 0) -> asyncio.Future[bytes]:
+        if self._waiter is not None:
+            raise RuntimeError("another read is already waiting on this connection")
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._want, self._wanted = want, wanted
+        result = self._take()  # may raise LineTooLong or IncompleteReadError right away
+        if result is not None:
+            future.set_result(result)
+        else:
+            self._waiter = future
+            if self._reading_paused:
+                self._reading_paused = False
+                self._transport.resume_reading()
+        return future
+
+    # Handler side
+    def readline(self) -> Awaitable[bytes]:
+        """The next line with its ``b"\\n"``; at end of stream the rest, then ``b""``."""
+        if self._buffer or self._eof or self._waiter is not None or self._reading_paused:
+            return self._read(_LINE)
+        # Nothing buffered: the usual wait for the next request, kept short.
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._want = _LINE
+        self._waiter = future
+        return future
+
+    def read(self, n: int = -1) -> Awaitable[bytes]:
+        """Up to ``n`` bytes (at least one unless at end of stream); -1 reads to the end."""
+        if n < 0:
+            return self._read(_ALL)
+        return self._read(_SOME, n)
+
+    def readexactly(self, n: int) -> Awaitable[bytes]:
+        """Exactly ``n`` bytes; asyncio.IncompleteReadError if the stream ends first."""
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        return self._read(_EXACTLY, n)
+
+    def drain(self) -> Awaitable[None]:
         """Wait while the peer is not reading what was written (backpressure)."""
         if self._closed:
             raise ConnectionResetError("connection closed")
-        if self._writing_paused:
-            await self._wait_writable()
-            if self._closed:
-                raise ConnectionResetError("connection closed")
+        if not self._writing_paused:
+            return _READY
+        return self._drain_slow()
+
+    async def _drain_slow(self) -> None:
+        await self._wait_writable()
+        if self._closed:
+            raise ConnectionResetError("connection closed")
 
     def at_eof(self) -> bool:
         """True once the peer finished sending and everything was read."""

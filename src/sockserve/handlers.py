@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sockserve.framing import LineFramer, LineTooLong
@@ -283,8 +283,8 @@ class _Ready:
     __slots__ = ()
     _done = iter(())
 
-    def __await__(self) -> Iterator[None]:
-        return self._done  # an exhausted iterator: the await returns None at once
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._done  # type: ignore[return-value]  # exhausted: the await returns at once
 
 
 _READY = _Ready()

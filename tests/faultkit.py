@@ -346,6 +346,7 @@ class Chatty:
         self.ended: list[str | None] = [None] * connections
         self.period = period
         self._stop = threading.Event()
+        self._answer = threading.Condition()
         self._deadline = time.monotonic() + limit
         self._threads = [
             threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(connections)
@@ -370,9 +371,25 @@ class Chatty:
             if reply != request.upper():
                 self.ended[index] = f"wrong reply {reply!r}"
                 return
-            self.answered[index] += 1
+            with self._answer:
+                self.answered[index] += 1
+                self._answer.notify_all()
             self._stop.wait(self.period)
         self.ended[index] = "stopped"
+
+    def wait_answered(self, at_least: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until every connection has had ``at_least`` replies (or ended)."""
+        deadline = time.monotonic() + timeout
+        with self._answer:
+            while not all(
+                n >= at_least or end is not None
+                for n, end in zip(self.answered, self.ended, strict=True)
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._answer.wait(min(left, 0.1))  # an ending is not notified
+            return True
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,6 +7,7 @@ them alone with ``pytest -m fault``; ``-s`` shows the figures each one measured.
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import re
@@ -14,13 +15,16 @@ import select
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 
 from faultkit import (
     Chatty,
@@ -649,3 +653,162 @@ def test_sighup_reload_drops_nothing(spawn: Spawn) -> None:
     assert load.count("ok", after=hup + reloaded) > 50
     assert set(chatty.ended) == {"stopped"}
     assert after > before  # long-lived connections are served by the old workers
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    directory = tmp_path_factory.mktemp("tls")
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    paths = {"cert": directory / "s.pem", "key": directory / "s.key", "ca": directory / "ca.pem"}
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(paths["cert"]))
+    server_cert.private_key_pem.write_to_path(str(paths["key"]))
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def tls_round_trip(address: tuple[str, int], ca: trustme.CA, cert: Any = None) -> bytes:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if cert is not None:
+        cert.configure_cert(context)
+    with socket.create_connection(address, timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(b"secret\n")
+            return read_line(sock)
+
+
+def tls_server(spawn: Spawn, files: dict[str, str], loop: str, *args: str) -> Proc:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    return spawn(
+        [
+            *("demo", "--bind", "127.0.0.1:0", "--loop", loop),
+            *("--tls-cert", files["cert"], "--tls-key", files["key"], *args),
+        ]
+    )
+
+
+def closing_times(socks: list[socket.socket], timeout: float) -> list[float]:
+    """When (monotonic) each socket saw the server close it, within ``timeout``."""
+    closed: list[float] = []
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and selector.get_map():
+            for key, _ in selector.select(left):
+                sock = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = sock.recv(4096)
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    closed.append(time.monotonic())
+                    selector.unregister(sock)
+    return closed
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_tls_silent_peers_do_not_hold_up_a_real_client(
+    spawn: Spawn, tls_files: dict[str, str], ca: trustme.CA, loop: str
+) -> None:
+    timeout = 1.0
+    server = tls_server(spawn, tls_files, loop, "--handshake-timeout", str(timeout))
+    address = address_of(server.urls[0])
+    connected = time.monotonic()
+    silent = [socket.create_connection(address, timeout=5) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        assert tls_round_trip(address, ca) == b"SECRET\n"
+        handshake = time.monotonic() - started
+        closed = closing_times(silent, timeout + 3)
+    finally:
+        for sock in silent:
+            sock.close()
+    after = [t - connected for t in closed]
+    report(
+        f"tls-silent-flood[{loop}]",
+        silent_peers=len(silent),
+        real_client_handshake_and_round_trip=ms(handshake),
+        silent_closed=len(closed),
+        first_closed_after=ms(min(after)),
+        last_closed_after=ms(max(after)),
+        log_lines=len(server.lines) - 1,
+    )
+    assert handshake < 1.0
+    assert len(closed) == len(silent)
+    assert min(after) >= timeout - 0.05
+    assert max(after) <= timeout + 1.5
+    assert "Traceback" not in server.text
+    assert len(server.lines) <= 1 + 5  # the handshake timeouts are reported, not listed
+
+
+PLAINTEXT = [
+    b"hello in clear text\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\x00" * 64,
+    b"\x16\x03\x01\x00\x05hello",  # a TLS record header, then nonsense
+]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_plaintext_on_the_tls_port_is_closed_quietly(
+    spawn: Spawn, tls_files: dict[str, str], ca: trustme.CA, loop: str
+) -> None:
+    server = tls_server(spawn, tls_files, loop)
+    address = address_of(server.urls[0])
+    before = server.mark()
+    peers = []
+    for i in range(40):
+        sock = socket.create_connection(address, timeout=5)
+        sock.sendall(PLAINTEXT[i % len(PLAINTEXT)])
+        peers.append(sock)
+    try:
+        closed = closing_times(peers, 5)
+    finally:
+        for sock in peers:
+            sock.close()
+    assert tls_round_trip(address, ca) == b"SECRET\n"
+    logged = server.lines[before:]
+    report(f"tls-plaintext[{loop}]", peers=len(peers), closed=len(closed), log_lines=len(logged))
+    assert len(closed) == len(peers)
+    assert len(logged) <= len(peers)
+    assert "Traceback" not in server.text
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_mutual_tls_refuses_missing_expired_and_untrusted_certificates(
+    spawn: Spawn, tls_files: dict[str, str], ca: trustme.CA, loop: str
+) -> None:
+    server = tls_server(spawn, tls_files, loop, "--tls-client-ca", tls_files["ca"])
+    address = address_of(server.urls[0])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    clients = {
+        "none": None,
+        "expired": ca.issue_cert(
+            "old@example.org",
+            not_before=now - datetime.timedelta(days=10),
+            not_after=now - datetime.timedelta(days=1),
+        ),
+        "untrusted": trustme.CA().issue_cert("mallory@example.org"),
+    }
+    outcomes = {}
+    for name, cert in clients.items():
+        try:
+            outcomes[name] = tls_round_trip(address, ca, cert)
+        except (ssl.SSLError, ConnectionError) as exc:
+            outcomes[name] = type(exc).__name__.encode()
+    valid = tls_round_trip(address, ca, ca.issue_cert("alice@example.org"))
+    report(f"mutual-tls[{loop}]", **{k: v.decode() or "closed" for k, v in outcomes.items()})
+    assert valid == b"SECRET\n"
+    for name, outcome in outcomes.items():
+        assert outcome != b"SECRET\n", name
+    assert "Traceback" not in server.text

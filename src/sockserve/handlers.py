@@ -66,7 +66,9 @@ class _Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (see ``drain`` for backpressure)."""
-        if not self._closed:
+        # A transport that hit a send error is closing before connection_lost runs; asyncio
+        # logs a warning for every further write, so drop them here.
+        if not self._closed and not self._transport.is_closing():
             self.bytes_out += len(data)
             self._transport.write(data)
 

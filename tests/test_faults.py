@@ -319,8 +319,10 @@ def test_resets_and_vanishing_peers_leak_nothing(
     burst = b"".join(b"line %d\n" % i for i in range(100_000))  # 1.2 MB of replies to come
     connections = 1
     for _ in range(30):  # reset while the server is writing replies
-        sock = socket.create_connection(address, timeout=5)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # before connect: small window
+        sock.settimeout(5)
+        sock.connect(address)
         sock.setblocking(False)
         try:
             sock.send(burst)
@@ -349,11 +351,11 @@ def test_resets_and_vanishing_peers_leak_nothing(
         access_log_records=logged,
         fds_before=fds_before,
         fds_after=fds_after,
+        warnings=server.count(r" (WARNING|ERROR) "),
     )
     assert logged == connections
     assert fds_after <= fds_before
-    assert "Traceback" not in server.text
-    assert "handler error" not in server.text
+    assert server.count(r" (WARNING|ERROR) ") == 0, server.text[-2000:]  # no log flood
 
 
 @pytest.mark.parametrize("handler", STREAM_HANDLERS)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -189,3 +190,44 @@ def test_console_script_and_settings_reference() -> None:
     assert result.returncode == 0 and result.stdout.startswith("sockserve ")
     reference = run_cli("settings")
     assert reference.returncode == 0 and "--max-connections" in reference.stdout
+
+
+def test_privileges_are_dropped_after_binding(start_server: StartServer, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    # Not under tmp_path: pytest keeps its parents root-only, so nobody could not reach it.
+    shared = Path(tempfile.mkdtemp(prefix="sockserve-priv-"))
+    shared.chmod(0o777)
+    path = shared / "app.sock"
+    server = start_server(
+        [
+            "demo",
+            "--bind",
+            f"unix:{path}",
+            "--user",
+            "nobody",
+            "--group",
+            group,
+            "--unix-mode",
+            "660",
+        ]
+    )
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert set(uids) == {str(nobody.pw_uid)}
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (nobody.pw_uid, nobody.pw_gid, 0o660)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(b"dropped\n")
+        assert read_line(sock) == b"DROPPED\n"
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not path.exists()  # removed at exit by the unprivileged server
+    shared.rmdir()

@@ -133,11 +133,16 @@ class Listener:
     datagram: bool
     url: str
     unix_path: str | None = None  # a socket file sockserve created and removes on close
+    name: str | None = None  # systemd's FileDescriptorName, if any
     _inode: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def family(self) -> int:
         return self.sock.family
+
+    def describe(self) -> str:
+        """The URL, with systemd's name for the socket when it has one."""
+        return f"{self.url} ({self.name})" if self.name else self.url
 
     def close(self) -> None:
         """Close the socket and remove the socket file if it is still the one we made."""
@@ -288,7 +293,9 @@ def bind(
         return _bind_inet(address.host, address.port, True, backlog, reuse_port)
     if isinstance(address, UnixAddress):
         return [_bind_unix(address, backlog, unix_mode)]
-    return [adopt_fd(address.fd, backlog)]
+    listener = adopt_fd(address.fd, backlog)
+    listener.name = address.name
+    return [listener]
 
 
 def systemd_listeners(environ: Mapping[str, str] | None = None) -> list[FdAddress]:

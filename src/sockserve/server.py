@@ -362,7 +362,7 @@ class Server:
             endpoint.start()
         self._update_accepting()
         for listener in self.listeners:
-            logger.info("listening on %s", listener.url)
+            logger.info("listening on %s", listener.describe())
         if settings.metrics:
             await self._start_metrics()
         if settings.idle_timeout or self.metrics is not None:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -68,26 +68,43 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def drop_privileges(user: str | None, group: str | None) -> None:
-    """Switch to ``group`` and ``user`` (after binding, so privileged ports still work)."""
+def drop_privileges(
+    user: str | None, group: str | None, listeners: Sequence[Listener] = ()
+) -> None:
+    """Switch to ``group`` and ``user`` after binding (so privileged ports still work).
+
+    Unix socket files made while binding are handed to that user and group first, so
+    the group's clients can connect and the server can remove them at exit.
+    """
+    if user is None and group is None:
+        return
+    uid = gid = -1
+    groups: list[int] | None = None
     if group is not None:
         try:
             gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
         except KeyError:
             raise SettingsError(f"{describe('group')}: no group {group!r}") from None
-        os.setgroups([gid])
-        os.setgid(gid)
+        groups = [gid]
     if user is not None:
         try:
             entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
         except KeyError:
             raise SettingsError(f"{describe('user')}: no user {user!r}") from None
+        uid = entry.pw_uid
         if group is None:
-            os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
-            os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-    if user is not None or group is not None:
-        logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
+            gid = entry.pw_gid
+            groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    for listener in listeners:
+        if listener.unix_path:
+            os.chown(listener.unix_path, uid, gid)
+    if groups is not None:
+        os.setgroups(groups)
+    if gid != -1:
+        os.setgid(gid)
+    if uid != -1:
+        os.setuid(uid)
+    logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
 
 
 async def _serve_until_signalled(
@@ -219,7 +236,7 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
     handler_kind(handler_class)
     listeners = bind_all(settings)
     try:
-        drop_privileges(settings.user, settings.group)
+        drop_privileges(settings.user, settings.group, listeners)
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -339,10 +356,10 @@ class Supervisor:
     def run(self) -> None:
         self._bind()
         for listener in self.shared + self.first_reuse:
-            logger.info("listening on %s", listener.url)
+            logger.info("listening on %s", listener.describe())
         if self.settings.metrics:
             self._start_metrics()
-        drop_privileges(self.settings.user, self.settings.group)
+        drop_privileges(self.settings.user, self.settings.group, self.shared)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -504,6 +521,7 @@ class Supervisor:
             for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
                 signal.signal(sig, signal.SIG_IGN)  # the server's loop handles HUP once up
             os.close(self._alive_w)
+            os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
             for worker in self.workers.values():
                 if worker.ready_fd >= 0:
                     os.close(worker.ready_fd)

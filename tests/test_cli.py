@@ -192,7 +192,7 @@ def test_console_script_and_settings_reference() -> None:
     assert reference.returncode == 0 and "--max-connections" in reference.stdout
 
 
-def test_privileges_are_dropped_after_binding(start_server: StartServer, tmp_path: Path) -> None:
+def test_privileges_are_dropped_after_binding(start_server: StartServer) -> None:
     if os.geteuid() != 0:
         pytest.skip("dropping privileges needs root")
     import grp

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import socketserver
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
+from conftest import host_port
 from serving import LOOPS, closed_by_server, read_all, read_line, serving
 from sockserve.handlers import LineHandler, StreamHandler
 from sockserve.proxy_protocol import PP2_TYPE_AUTHORITY, encode_v1, encode_v2
@@ -287,3 +290,53 @@ def test_proxy_header_then_tls(loop: str, ca: trustme.CA, certs: dict[str, str])
             with tls_connect(server.address, client_context(ca), first=header) as sock:
                 sock.sendall(b"x\n")
                 assert read_line(sock).startswith(b"203.0.113.7:40000")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_rereads_certificates(start_server: Any, tmp_path: Path, workers: str) -> None:
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("localhost", "127.0.0.1")
+        issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+
+    install(old_ca)
+    server = start_server(
+        [
+            "demo",
+            "-b",
+            "127.0.0.1:0",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--workers",
+            workers,
+        ]
+    )
+    address = host_port(server.urls[0])
+
+    def round_trip(ca: trustme.CA) -> bytes:
+        with tls_connect(address, client_context(ca)) as sock:
+            sock.sendall(b"tls\n")
+            return read_line(sock)
+
+    assert round_trip(old_ca) == b"TLS\n"
+    install(new_ca)
+    server.signal(signal.SIGHUP)
+    server.read_until("reload done" if workers == "2" else "TLS certificate reloaded")
+    deadline = time.monotonic() + 10
+    while True:  # old workers may take one more connection before they see SIGTERM
+        try:
+            assert round_trip(new_ca) == b"TLS\n"
+            break
+        except ssl.SSLError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    if workers == "2":  # the old workers finish before the old certificate is gone
+        server.read_until(r"worker \d+ stopped")
+        server.read_until(r"worker \d+ stopped")
+    with pytest.raises(ssl.SSLError):
+        round_trip(old_ca)

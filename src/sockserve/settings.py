@@ -288,9 +288,9 @@ class Settings:
         False, boolean, "Each worker gets its own SO_REUSEPORT socket.", flag=True
     )
     unix_mode: int | None = _setting(
-        None,
+        0o600,
         file_mode,
-        "Permissions of Unix socket files, octal (default: from umask).",
+        "Permissions of Unix socket files, octal; the default lets only the owner connect.",
         metavar="MODE",
     )
     user: str | None = _setting(None, optional_str, "Drop to this user after binding.")
@@ -390,13 +390,15 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
 
 
-def _show_default(value: object) -> str:
+def _show_default(name: str, value: object) -> str:
     if value is None:
         return "(none)"
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value) or "(none)"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and name == "unix_mode":
+        return f"{value:o}"
     return str(value)
 
 
@@ -418,7 +420,7 @@ def markdown_reference() -> str:
         flag = s.option if s.flag else f"{s.option} {s.metavar or s.name.upper()}"
         if s.repeatable:
             flag += " (repeatable)"
-        default = _show_default(s.default).replace("|", "\\|")
+        default = _show_default(s.name, s.default).replace("|", "\\|")
         meaning = s.help.replace("|", "\\|")
         lines.append(f"| `{s.name}` | `{flag}` | `{s.env}` | `{default}` | {meaning} |")
     return "\n".join(lines) + "\n"

@@ -184,7 +184,7 @@ async def sampler(pid: int, rec: Recorder, stop: float, rows: list[dict[str, Any
             }
         )
         print(
-            f"\r{rows[-1]['second']:4d}s {rows[-1]['requests']:7d} req/s"
+            f"\r{rows[-1]['second']:4d}s {rows[-1]['requests']:7d} lines/s"
             f"  p99 {rows[-1]['p99_ms']:7.2f} ms  errors {second.errors}  RSS {rss:6.1f} MiB",
             end="",
             flush=True,
@@ -253,7 +253,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.plot(seconds, [r[key] for r in rows])
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    axes[3].set_ylim(bottom=0)
+    axes[3].set_ylim(0, max(r["rss_mib"] for r in rows) * 1.25)
     axes[-1].set_xlabel("seconds")
     fig.suptitle("sockserve demo under mixed load")
     fig.tight_layout()

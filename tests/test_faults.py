@@ -590,13 +590,14 @@ def test_sigkill_of_a_worker_fails_only_what_it_held(spawn: Spawn) -> None:
     server = spawn(["demo", "--bind", "127.0.0.1:0", "--workers", "2"])
     address = address_of(server.urls[0])
     workers_up(server, 2)
-    victim = child_pids(server.pid)[0]
-    idle_fds = open_fds(victim)
+    idle_fds = {pid: open_fds(pid) for pid in child_pids(server.pid)}
     load = ShortLived(address, threads=8)
     chatty = Chatty(address, 8, period=0.02)
     try:
         assert chatty.wait_answered(5)
-        held = open_fds(victim) - idle_fds
+        busy = {pid: open_fds(pid) - fds for pid, fds in idle_fds.items()}
+        victim = max(busy, key=lambda pid: busy[pid])  # the one holding more connections
+        held = busy[victim]
         kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         server.wait_for(rf"worker {victim} died \(signal SIGKILL\)", timeout=5)

@@ -549,7 +549,9 @@ def test_sigterm_serves_the_backlog_and_every_request_read(spawn: Spawn) -> None
     assert now_refused
     assert code == 0
     assert graceful <= stopped < graceful + 3
-    assert set(chatty.ended) == {"eof"}  # served until the graceful timeout, then closed
+    # Served until the graceful timeout, then closed: a FIN, or a reset when a request
+    # that will never be read was already in the server's receive buffer (TCP's rule).
+    assert all(end == "eof" or "ConnectionResetError" in str(end) for end in chatty.ended)
     assert len(records) == 16 + len(requests) + late
     assert unanswered == []
     with pytest.raises(ConnectionRefusedError):

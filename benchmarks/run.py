@@ -378,6 +378,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     only = [n for n in args.only.split(",") if n] if args.only else []
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     notes: dict[str, dict[str, str]] = {}
+    loads = [os.getloadavg()[0]]  # sampled after every run: other work on the machine
     for point in points:
         specs = servers_for(point, only)
         if not specs:
@@ -396,9 +397,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"{label}: skipped, did not start: {exc}", file=sys.stderr)
                     continue
                 runs[point.name][spec.name].append(result)
+                loads.append(os.getloadavg()[0])
                 print(f"{label}: {summary_line(result)}", file=sys.stderr)
+    info = machine()
+    info["load"] = (
+        f"1-min load average {loads[0]:.1f} at the start, up to {max(loads):.1f} during the run"
+    )
     return {
-        "machine": machine(),
+        "machine": info,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "duration": args.duration,
         "repeat": args.repeat,
@@ -817,12 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if gen_core is not None:
         # The load generators inherit this; it also keeps this process off the server's core.
         os.sched_setaffinity(0, {gen_core})
-    load_before = os.getloadavg()
     data = run_all(args)
-    load_after = os.getloadavg()
-    data["machine"]["load"] = (
-        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (1 min)"
-    )
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.results / f"{stamp}.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -36,26 +36,56 @@ WRITE_HIGH_WATER = 256 * 1024
 class _Connection(asyncio.Protocol):
     """What every connection handler has: addresses, counters, write and close."""
 
+    # Slots keep an idle connection small: no instance dict unless a subclass adds fields.
+    __slots__ = (
+        "_close_reason",
+        "_closed",
+        "_drain_waiter",
+        "_idle_since",
+        "_max_line",
+        "_opened",
+        "_seen_in",
+        "_seen_out",
+        "_transport",
+        "_writing_paused",
+        "bytes_in",
+        "bytes_out",
+        "client_address",
+        "listener",
+        "proxy",
+        "server",
+    )
+
     server: Server
     client_address: Any
     listener: str
-    proxy: ProxyHeader | None = None
+    proxy: ProxyHeader | None
+    bytes_in: int
+    bytes_out: int
     _transport: asyncio.Transport
     _max_line: int
-    _close_reason: str | None = None
-    _closed: bool = False
-    _writing_paused: bool = False
-    _drain_waiter: asyncio.Future[None] | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    _opened: float = 0.0
-    _idle_mark: tuple[float, int] = (0.0, 0)  # (when, bytes moved then), for the idle sweep
+    _close_reason: str | None
+    _closed: bool
+    _writing_paused: bool
+    _drain_waiter: asyncio.Future[None] | None
+    _opened: float
+    _idle_since: float | None  # when the idle sweep last saw bytes move
+    _seen_in: int
+    _seen_out: int
 
     def _attach(self, server: Server, client_address: Any, listener: str) -> None:
+        """Set every field before the transport exists (slots have no defaults)."""
         self.server = server
         self.client_address = client_address
         self.listener = listener
+        self.proxy = None
+        self.bytes_in = self.bytes_out = self._seen_in = self._seen_out = 0
         self._max_line = server.settings.max_line
+        self._close_reason = None
+        self._closed = self._writing_paused = False
+        self._drain_waiter = None
+        self._opened = 0.0
+        self._idle_since = None
 
     # socketserver-style hooks
     def setup(self) -> Any:
@@ -140,17 +170,26 @@ class LineHandler(_Connection):
     On a datagram listener each datagram is handed to ``handle_line`` whole.
     """
 
+    __slots__ = ("_eof", "_fast", "_framer", "_queue", "_task")
+
     _async: ClassVar[bool] = False
-    _fast: bool = True  # sync handler and nothing buffered: whole-line chunks skip the framer
-    _framer: LineFramer | None = None  # created only once a line arrives in pieces
-    _queue: deque[bytes] | None = None
-    _task: asyncio.Task[None] | None = None
-    _eof: bool = False
+    _fast: bool  # sync handler and nothing buffered: whole-line chunks skip the framer
+    _framer: LineFramer | None  # created only once a line arrives in pieces
+    _queue: deque[bytes] | None
+    _task: asyncio.Task[None] | None
+    _eof: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._async = inspect.iscoroutinefunction(cls.handle_line)
-        cls._fast = not cls._async
+
+    def _attach(self, server: Server, client_address: Any, listener: str) -> None:
+        super()._attach(server, client_address, listener)
+        self._fast = not self._async
+        self._framer = None
+        self._queue = None
+        self._task = None
+        self._eof = False
 
     def handle_line(self, line: bytes) -> bytes | Awaitable[bytes | None] | None:
         """Answer one line; the default echoes it."""
@@ -303,13 +342,25 @@ class StreamHandler(_Connection):
     no coroutine of the framework's.
     """
 
+    __slots__ = (
+        "_buffer",
+        "_eof",
+        "_loop",
+        "_reading_paused",
+        "_task",
+        "_waiter",
+        "_want",
+        "_wanted",
+    )
+
     _buffer: bytearray
-    _eof: bool = False
-    _waiter: asyncio.Future[bytes] | None = None
-    _want: int = _LINE
-    _wanted: int = 0  # the n of read(n) / readexactly(n)
-    _reading_paused: bool = False
-    _task: asyncio.Task[None] | None = None
+    _eof: bool
+    _loop: asyncio.AbstractEventLoop
+    _waiter: asyncio.Future[bytes] | None
+    _want: int
+    _wanted: int  # the n of read(n) / readexactly(n)
+    _reading_paused: bool
+    _task: asyncio.Task[None] | None
     _simple_hooks: ClassVar[bool] = True  # setup and finish are plain functions
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -317,6 +368,13 @@ class StreamHandler(_Connection):
         cls._simple_hooks = not (
             inspect.iscoroutinefunction(cls.setup) or inspect.iscoroutinefunction(cls.finish)
         )
+
+    def _attach(self, server: Server, client_address: Any, listener: str) -> None:
+        super()._attach(server, client_address, listener)
+        self._eof = self._reading_paused = False
+        self._waiter = self._task = None
+        self._want = _LINE
+        self._wanted = 0
 
     async def handle(self) -> None:
         """Serve the connection; return to close it."""

@@ -92,7 +92,7 @@ class _StreamListener:
         self.listener = listener
         self.sock = listener.sock
         self.reading = False
-        self.backoff_until = 0.0
+        self.backing_off = False
 
     def set_reading(self, on: bool) -> None:
         if on == self.reading:
@@ -118,8 +118,8 @@ class _StreamListener:
                         exc.strerror,
                         ACCEPT_BACKOFF,
                     )
-                    self.backoff_until = server.loop.time() + ACCEPT_BACKOFF
-                    server.loop.call_later(ACCEPT_BACKOFF, server._update_accepting)
+                    self.backing_off = True
+                    server.loop.call_later(ACCEPT_BACKOFF, self.end_backoff)
                     server._update_accepting()
                     return
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one peer is gone; go on.
@@ -128,6 +128,11 @@ class _StreamListener:
             server._accepted(conn, addr, self.listener)
             if not self.reading and not draining:  # paused: limit reached or stopping
                 return
+
+    def end_backoff(self) -> None:
+        # A flag, not a deadline: uvloop's clock may read a hair early when the timer fires.
+        self.backing_off = False
+        self.server._update_accepting()
 
     def drain_backlog(self) -> None:
         """Accept every connection already waiting, ignoring the limit (used when stopping)."""
@@ -423,9 +428,8 @@ class Server:
         below_limit = self._open < self.settings.max_connections
         if self._pool is not None:
             below_limit = below_limit and not self._pool.full
-        now = self.loop.time()
         for listener in self._stream:
-            listener.set_reading(below_limit and now >= listener.backoff_until)
+            listener.set_reading(below_limit and not listener.backing_off)
         if self._pool is not None:
             for endpoint in self._datagram:
                 endpoint.set_reading(not self._pool.full)
@@ -570,8 +574,8 @@ class Server:
     # -- connection lifecycle (called by handlers and the blocking pool) -----------------
 
     def _connection_made(self, conn: _Connection) -> None:
-        conn._opened = time.monotonic()
-        conn._idle_mark = (self.loop.time(), 0)
+        if self.settings.access_log:
+            conn._opened = time.monotonic()
         self._connections.add(conn)
 
     def _connection_lost(self, conn: _Connection) -> None:
@@ -622,12 +626,18 @@ class Server:
         timeout = self.settings.idle_timeout
         if timeout:
             for conn in list(self._connections):
-                since, seen = conn._idle_mark
-                moved = conn.bytes_in + conn.bytes_out
-                if moved != seen:
-                    conn._idle_mark = (now, moved)
-                elif now - since >= timeout and not conn._closed:
-                    logger.info("closing %s: idle for %.1f s", conn.client_address, now - since)
+                # Only references are stored: ``now`` is one float shared by every
+                # connection, and the counters are the connection's own int objects.
+                if (
+                    conn.bytes_in != conn._seen_in
+                    or conn.bytes_out != conn._seen_out
+                    or conn._idle_since is None
+                ):
+                    conn._seen_in, conn._seen_out = conn.bytes_in, conn.bytes_out
+                    conn._idle_since = now
+                elif now - conn._idle_since >= timeout and not conn._closed:
+                    idle = now - conn._idle_since
+                    logger.info("closing %s: idle for %.1f s", conn.client_address, idle)
                     conn._abort("idle timeout")
         if self.metrics is not None:
             self.metrics.flush(self.stats, self._open)

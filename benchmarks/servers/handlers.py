@@ -13,6 +13,8 @@ import sockserve
 class UpperStream(sockserve.StreamHandler):
     """Async stream handler: readline, write, drain."""
 
+    __slots__ = ()
+
     async def handle(self) -> None:
         while line := await self.readline():
             self.write(line.upper())
@@ -21,6 +23,8 @@ class UpperStream(sockserve.StreamHandler):
 
 class UpperLine(sockserve.LineHandler):
     """Line handler (the same as ``sockserve demo``)."""
+
+    __slots__ = ()
 
     def handle_line(self, line: bytes) -> bytes:
         return line.upper()

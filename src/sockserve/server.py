@@ -368,6 +368,11 @@ class Server:
         self._update_accepting()
         for listener in self.listeners:
             logger.info("listening on %s", listener.describe())
+        if settings.proxy_protocol != "off" and not settings.proxy_from:
+            logger.warning(
+                "PROXY headers are accepted from any peer: set --proxy-from to the load"
+                " balancers' addresses"
+            )
         if settings.metrics:
             await self._start_metrics()
         if settings.idle_timeout or self.metrics is not None:

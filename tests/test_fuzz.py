@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SECONDS = 10  # per harness in the normal run; fuzz/README.md says how to run for longer
 
 
+# Where pyproject.toml installs atheris with the test tools (it ships wheels for these).
+ATHERIS_EXPECTED = (
+    sys.platform == "linux"
+    and platform.machine() == "x86_64"
+    and (3, 11) <= sys.version_info < (3, 13)
+)
+
+
 def require_atheris() -> None:
     if importlib.util.find_spec("atheris") is None:
         message = "atheris is not installed (pip install atheris; Linux x86_64 wheels)"
-        if REQUIRE_ALL:
+        if REQUIRE_ALL and ATHERIS_EXPECTED:
             pytest.fail(message + "; SOCKSERVE_REQUIRE_ALL=1 forbids skipping")
         pytest.skip(message)
 

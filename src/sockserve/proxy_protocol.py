@@ -316,6 +316,13 @@ def _check_tlvs(header: bytes, tlvs: list[tuple[int, int, bytes]]) -> None:
             _split_tlvs(value, 5)
 
 
+def _show(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address as text, the same on every Python (3.13 changed IPv4-mapped ones)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return str(ip)
+
+
 def _v1_address(text: str, family: Family) -> str:
     try:
         ip = ipaddress.IPv4Address(text) if family == "TCP4" else ipaddress.IPv6Address(text)
@@ -323,7 +330,7 @@ def _v1_address(text: str, family: Family) -> str:
         raise ProxyProtocolError(f"invalid {family} address in v1 header: {text!r}") from None
     if "%" in text:  # the stdlib accepts IPv6 scope ids; the protocol has none
         raise ProxyProtocolError(f"invalid {family} address in v1 header: {text!r}")
-    return str(ip)
+    return _show(ip)
 
 
 def _v1_port(text: str) -> int:
@@ -372,8 +379,8 @@ def _parse_v2_body(header: bytes) -> ProxyHeader:
             destination = (str(ipaddress.IPv4Address(dst)), dport)
         elif family == "TCP6":
             src, dst, sport, dport = struct.unpack_from("!16s16sHH", header, 16)
-            source = (str(ipaddress.IPv6Address(src)), sport)
-            destination = (str(ipaddress.IPv6Address(dst)), dport)
+            source = (_show(ipaddress.IPv6Address(src)), sport)
+            destination = (_show(ipaddress.IPv6Address(dst)), dport)
         elif family == "UNIX":
             source = _unix_path(header[16 : 16 + _UNIX_PATH_LENGTH])
             destination = _unix_path(header[16 + _UNIX_PATH_LENGTH : 16 + 2 * _UNIX_PATH_LENGTH])
@@ -581,7 +588,7 @@ def encode_v1(
     if src.version != dst.version:
         raise ValueError("source and destination must both be IPv4 or both IPv6")
     line = (
-        f"PROXY TCP{src.version} {src} {dst} "
+        f"PROXY TCP{src.version} {_show(src)} {_show(dst)} "
         f"{_check_port(source[1])} {_check_port(destination[1])}\r\n"
     )
     return line.encode("ascii")

@@ -136,6 +136,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if not self._transport.is_closing():
+            # Python 3.10's TLS transport is not marked closed when the peer ends the
+            # connection and warns when collected; closing it here is a no-op elsewhere.
+            self._transport.close()
         self._set_reason("eof" if exc is None else f"error: {exc}")
         self._wake_drain()
         self.server._connection_lost(self)

@@ -231,3 +231,36 @@ def test_privileges_are_dropped_after_binding(start_server: StartServer) -> None
     assert server.wait() == 0
     assert not path.exists()  # removed at exit by the unprivileged server
     shared.rmdir()
+
+
+def test_everything_works_without_uvloop(tmp_path: Path) -> None:
+    """With uvloop not importable, --loop auto runs on asyncio and --loop uvloop says so."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['uvloop'] = None  # as if not installed\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    refused = run_cli("demo", "--loop", "uvloop", "--bind", "127.0.0.1:0", env=env)
+    assert refused.returncode == 2
+    assert "uvloop is not installed" in refused.stderr and "Traceback" not in refused.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockserve", "demo", "--bind", "127.0.0.1:0", "--workers", "2"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    server = ServerProcess(proc, [])
+    try:
+        url = server.read_until(r"(?<!metrics )listening on (\S+)").group(1)
+        with socket.create_connection(host_port(url), timeout=5) as sock:
+            sock.sendall(b"plain asyncio\n")
+            assert read_line(sock) == b"PLAIN ASYNCIO\n"
+        probe = subprocess.run(
+            [sys.executable, "-c", "import uvloop"],
+            check=False,
+            capture_output=True,
+            env={**os.environ, **env},
+            timeout=30,
+        )
+        assert probe.returncode != 0
+    finally:
+        server.stop()

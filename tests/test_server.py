@@ -493,3 +493,25 @@ def test_dual_stack_and_ipv6(loop: str) -> None:
                 assert read_line(sock) == b"DUAL\n"
     with serving(Upper, loop, bind=["[::1]:0"]) as server:
         assert server.urls[0].startswith("tcp://[::1]:")
+
+
+def test_graceful_timeout_ends_streams_cleanly_even_with_unread_input(loop: str) -> None:
+    """At the deadline the server sends its end of stream and drops the peer's last bytes,
+    so the peer sees EOF, not a reset, although it sent more than the handler read."""
+
+    class Stuck(StreamHandler):
+        async def handle(self) -> None:
+            await self.readline()
+            self.write(b"got one\n")
+            await asyncio.sleep(3600)
+
+    with serving(Stuck, loop) as server:
+        sock = connect(server.address)
+        sock.sendall(b"first\n")
+        assert read_line(sock) == b"got one\n"
+        flood = threading.Thread(target=sock.sendall, args=(b"z" * (2 << 20),), daemon=True)
+        flood.start()  # far past what the server reads ahead: it stops reading
+        time.sleep(0.2)
+        server.stop(timeout=0.2)
+        assert sock.recv(10) == b""  # a clean end of stream
+        sock.close()

@@ -397,7 +397,7 @@ class Server:
             logger.info("graceful timeout: closing %d connection(s)", self._open)
             for conn in list(self._connections):
                 conn._set_reason("server shutdown")
-                conn._transport.close()
+                _linger(conn)
             if self._pool is not None:
                 self._pool.release_all()
             await self._wait_idle(self.loop.time() + 1.0)
@@ -712,6 +712,36 @@ class Server:
             await self._pool.close()
         if self._closed_event is not None:
             self._closed_event.set()
+
+
+class _Lingering(asyncio.Protocol):
+    """A closing connection's last protocol: discards what the peer still sends."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the peer has finished too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+
+def _linger(conn: _Connection) -> None:
+    """Close gracefully: send what is queued and our end of stream, then read and drop
+    the peer's last bytes until it closes (closing with unread input would send a reset)."""
+    transport = conn._transport
+    if conn._closed or transport.is_closing():
+        return
+    if not transport.can_write_eof():  # TLS: its close_notify is the end of stream
+        transport.close()
+        return
+    transport.set_protocol(_Lingering(conn))
+    transport.write_eof()
+    transport.resume_reading()
 
 
 def _in_networks(address: Any, networks: Iterable[Any]) -> bool:

@@ -732,6 +732,54 @@ def status(target: Target) -> str:
     return f"missed by {target.shortfall:.0%}"
 
 
+def reading_the_misses(data: dict[str, Any]) -> list[str]:
+    """The targets' reference point, and how much the reference server itself varied."""
+    runs = data["runs"]
+    lines = ["", "### Reading the results", ""]
+    reference = runs.get("tcp-c64-s64", {})
+    base = reference.get(TCP_BASELINE)
+    if base:
+        parts = []
+        for server in ("sockserve-line", "sockserve-stream"):
+            if server in reference:
+                rps = ratio(median(reference[server], "rps"), median(base, "rps"))
+                cpu = ratio(
+                    median(reference[server], "cpu_us_per_rt"), median(base, "cpu_us_per_rt")
+                )
+                parts.append(f"{server} {fmt_ratio(rps)} rps at {fmt_ratio(cpu)} CPU")
+        lines.append(
+            "The targets quote 64 connections with 64-byte lines; there, against "
+            f"{TCP_BASELINE}: " + "; ".join(parts) + "."
+        )
+    idle = runs.get("idle-10000", {})
+    raw_idle = median(idle.get(TCP_BASELINE, []), "kib_per_conn")
+    stream_idle = median(idle.get("sockserve-stream", []), "kib_per_conn")
+    streams_idle = median(idle.get("asyncio-streams", []), "kib_per_conn")
+    if raw_idle and stream_idle and streams_idle:
+        lines += [
+            "",
+            "An async stream handler keeps a task and its coroutine frame for every"
+            f" connection: {fmt_ratio(ratio(stream_idle, raw_idle))} the raw server's memory"
+            f" per idle connection, against {fmt_ratio(ratio(streams_idle, raw_idle))} for"
+            " asyncio streams. The line handler, which has no task per connection, is the"
+            " one for many idle connections.",
+        ]
+    spreads = []
+    for point, servers in runs.items():
+        values = [r["rps"] for r in servers.get(TCP_BASELINE, []) if r.get("rps")]
+        if len(values) > 1:
+            spread = (max(values) - min(values)) / statistics.median(values)
+            spreads.append(f"{point} {spread:.0%}")
+    if spreads:
+        lines += [
+            "",
+            f"How much {TCP_BASELINE} itself varied between its runs at each point"
+            " ((max - min) / median of its rps): " + ", ".join(spreads) + ". A ratio"
+            " missed by less than that spread is within the noise of this machine.",
+        ]
+    return lines
+
+
 def report(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
@@ -766,6 +814,7 @@ def report(data: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {t.text} | {t.measured} | {status(t)} |" for t in targets(data)]
+    lines += reading_the_misses(data)
     lines += ["", "## Servers", "", "| name | what |", "|---|---|"]
     lines += [f"| {name} | {what} |" for name, what in data["servers"].items()]
     for point, info in data["points"].items():

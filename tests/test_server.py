@@ -515,3 +515,14 @@ def test_graceful_timeout_ends_streams_cleanly_even_with_unread_input(loop: str)
         server.stop(timeout=0.2)
         assert sock.recv(10) == b""  # a clean end of stream
         sock.close()
+
+
+def test_replies_are_not_delayed_by_nagle(loop: str) -> None:
+    class NoDelay(LineHandler):
+        def handle_line(self, line: bytes) -> bytes:
+            sock = self.get_extra_info("socket")
+            return b"%d\n" % sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    with serving(NoDelay, loop) as server, connect(server.address) as sock:
+        sock.sendall(b"?\n")
+        assert read_line(sock) == b"1\n"

@@ -546,6 +546,11 @@ class Server:
             if self._pool.full:
                 self._update_accepting()
             return
+        if conn.family != socket.AF_UNIX:
+            # Replies go out at once (uvloop does this itself; asyncio skips sockets
+            # whose proto field is 0, as accepted ones are).
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler = self.handler_class()
         handler._attach(self, address, listener.url)
         handler.proxy = proxy

@@ -155,6 +155,9 @@ class Metrics:
         self.oversized = counter(
             "sockserve_datagrams_oversized", "Datagrams dropped for exceeding max_datagram."
         )
+        self.replies_dropped = counter(
+            "sockserve_datagram_replies_dropped", "Datagram replies dropped: socket buffer full."
+        )
         self.restarts = counter("sockserve_worker_restarts", "Workers replaced after dying.")
         self.active = Gauge(
             "sockserve_connections_active",
@@ -178,6 +181,7 @@ class Metrics:
             ("handler_errors", self.handler_errors),
             ("datagrams", self.datagrams),
             ("datagrams_oversized", self.oversized),
+            ("datagrams_dropped", self.replies_dropped),
         ):
             value = getattr(stats, name)
             delta = value - self._flushed.get(name, 0)

@@ -526,3 +526,31 @@ def test_replies_are_not_delayed_by_nagle(loop: str) -> None:
     with serving(NoDelay, loop) as server, connect(server.address) as sock:
         sock.sendall(b"?\n")
         assert read_line(sock) == b"1\n"
+
+
+def test_async_line_handler_behind_a_flood_stays_bounded(loop: str) -> None:
+    """A peer pipelining short lines faster than an async handler answers them: the
+    server stops reading, and holds only bytes (not a queued object per line)."""
+
+    class Slow(LineHandler):
+        async def handle_line(self, line: bytes) -> bytes:
+            await asyncio.sleep(0.01)
+            return line
+
+    with serving(Slow, loop) as server, connect(server.address, timeout=2) as sock:
+        sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 3
+        chunk = b"x\n" * 32768
+        while time.monotonic() < deadline and sent < 64 * 1024 * 1024:
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.05)
+        conns = server.call(lambda: list(server.server._connections))
+        buffered = server.call(lambda: conns[0]._framer.buffered)
+        assert buffered < 2 * 1024 * 1024  # READ_AHEAD plus one read, not the whole flood
+        assert sent < 32 * 1024 * 1024  # the kernel buffers filled: the server stopped reading
+        sock.setblocking(True)
+        sock.settimeout(5)
+        assert sock.recv(2) == b"x\n"  # and it is still answering, in order

@@ -1,13 +1,12 @@
 """Sans-IO line framing: bytes in, complete lines out, with a hard length limit.
 
-The framer never buffers more than ``max_line`` bytes of an unfinished line, and remembers
-that its buffer holds no newline, so a peer dripping one byte at a time costs O(n) in
-total, not O(n**2).
+The framer never holds more than ``max_line`` bytes of an unfinished line; it looks for
+newlines only in the bytes just fed, so a peer dripping one byte at a time costs O(n) in
+total, not O(n**2); and it cuts lines out of its buffer lazily, so a chunk of many short
+lines costs its bytes, not an object per line, until each line is asked for.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 __all__ = ["DEFAULT_MAX_LINE", "LineFramer", "LineTooLong", "ProtocolError"]
 
@@ -32,19 +31,23 @@ class LineTooLong(ProtocolError):
 class LineFramer:
     """Splits a byte stream into lines ending in ``b"\\n"`` (the newline is kept).
 
-    ``feed(data)`` then ``next_line()`` until it returns None. A line longer than
-    ``max_line`` bytes, newline included, makes ``feed`` raise LineTooLong as soon as it
-    is seen; the lines completed before it can still be taken with ``next_line``.
+    ``feed(data)`` then ``next_line()`` until it returns None. Lines are cut out of one
+    buffer only when asked for, so what the framer holds is the bytes the peer sent and
+    nothing more, however many lines that makes. A line longer than ``max_line`` bytes,
+    newline included, raises LineTooLong: from ``feed`` as soon as the unfinished line
+    is too long, from ``next_line`` when a complete one is reached (the lines before it
+    are taken first). After that the framer is unusable.
     """
 
-    __slots__ = ("_lines", "_max_line", "_partial")
+    __slots__ = ("_buffer", "_max_line", "_start", "_tail")
 
     def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
         if max_line < 1:
             raise ValueError("max_line must be at least 1")
         self._max_line = max_line
-        self._partial = bytearray()  # the start of a line; never contains b"\n"
-        self._lines: deque[bytes] = deque()
+        self._buffer = bytearray()
+        self._start = 0  # the first byte not yet handed out
+        self._tail = 0  # where the unfinished line starts: just after the last newline
 
     @property
     def max_line(self) -> int:
@@ -53,43 +56,46 @@ class LineFramer:
     @property
     def buffered(self) -> int:
         """Bytes held: complete lines not yet taken plus the unfinished line."""
-        return len(self._partial) + sum(map(len, self._lines))
+        return len(self._buffer) - self._start
 
     @property
     def empty(self) -> bool:
-        return not self._partial and not self._lines
+        return self._start == len(self._buffer)
 
     @property
     def partial(self) -> bytes:
         """The unfinished line so far (what a peer sent after its last newline)."""
-        return bytes(self._partial)
+        return bytes(self._buffer[max(self._tail, self._start) :])
 
     def feed(self, data: bytes) -> None:
-        """Add bytes from the peer. Raises LineTooLong for an over-long line."""
-        start = 0
-        limit = self._max_line
-        partial = self._partial
-        while (end := data.find(b"\n", start)) >= 0:
-            if len(partial) + end + 1 - start > limit:
-                raise LineTooLong(limit)
-            if partial:
-                partial += data[start : end + 1]
-                self._lines.append(bytes(partial))
-                partial.clear()
-            else:
-                self._lines.append(data[start : end + 1])
-            start = end + 1
-        if len(partial) + len(data) - start > limit:
-            raise LineTooLong(limit)
-        partial += data[start:]
+        """Add bytes from the peer. Raises LineTooLong for an over-long unfinished line."""
+        buffer = self._buffer
+        if self._start:  # drop what was handed out (cheap: bytearray trims its front)
+            del buffer[: self._start]
+            self._tail = max(self._tail - self._start, 0)
+            self._start = 0
+        base = len(buffer)
+        buffer += data
+        last = data.rfind(b"\n")
+        if last >= 0:
+            self._tail = base + last + 1
+        if len(buffer) - self._tail > self._max_line:
+            raise LineTooLong(self._max_line)
 
     def next_line(self) -> bytes | None:
         """The next complete line, or None when more data is needed."""
-        return self._lines.popleft() if self._lines else None
+        start = self._start
+        if start >= self._tail:
+            return None
+        end = self._buffer.find(b"\n", start, self._tail) + 1
+        if end - start > self._max_line:
+            raise LineTooLong(self._max_line)
+        self._start = end
+        return bytes(self._buffer[start:end])
 
     def take_buffer(self) -> bytes:
-        """Everything buffered, in order, emptying the framer (to switch to raw reads)."""
-        data = b"".join(self._lines) + bytes(self._partial)
-        self._lines.clear()
-        self._partial.clear()
+        """Everything not yet handed out, emptying the framer (to switch to raw reads)."""
+        data = bytes(self._buffer[self._start :])
+        self._buffer.clear()
+        self._start = self._tail = 0
         return data

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections import deque
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -174,13 +173,13 @@ class LineHandler(_Connection):
     On a datagram listener each datagram is handed to ``handle_line`` whole.
     """
 
-    __slots__ = ("_eof", "_fast", "_framer", "_queue", "_task")
+    __slots__ = ("_eof", "_fast", "_framer", "_reading_paused", "_task")
 
     _async: ClassVar[bool] = False
     _fast: bool  # sync handler and nothing buffered: whole-line chunks skip the framer
     _framer: LineFramer | None  # created only once a line arrives in pieces
-    _queue: deque[bytes] | None
-    _task: asyncio.Task[None] | None
+    _reading_paused: bool
+    _task: asyncio.Task[None] | None  # awaits an async handle_line, line after line
     _eof: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -191,9 +190,8 @@ class LineHandler(_Connection):
         super()._attach(server, client_address, listener)
         self._fast = not self._async
         self._framer = None
-        self._queue = None
         self._task = None
-        self._eof = False
+        self._eof = self._reading_paused = False
 
     def handle_line(self, line: bytes) -> bytes | Awaitable[bytes | None] | None:
         """Answer one line; the default echoes it."""
@@ -222,32 +220,41 @@ class LineHandler(_Connection):
                     self.bytes_out += len(reply)  # type: ignore[arg-type]
                     self._transport.write(reply)  # type: ignore[arg-type]
                 return
-        if self._framer is None:
-            self._framer = LineFramer(self._max_line)
+        framer = self._framer
+        if framer is None:
+            framer = self._framer = LineFramer(self._max_line)
             self._fast = False
         try:
-            self._framer.feed(data)
+            framer.feed(data)
         except LineTooLong:
-            self._dispatch_lines()
+            if not self._async:
+                self._answer_lines()  # the complete lines before the long one
             self._line_too_long()
             return
-        self._dispatch_lines()
+        if not self._async:
+            self._answer_lines()
+            return
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run_lines())
+        self._update_reading()  # a handler behind by READ_AHEAD bytes stops the reads
 
-    def _dispatch_lines(self) -> None:
+    def _answer_lines(self) -> None:
+        """Answer every complete line the framer holds (sync handlers)."""
         framer = self._framer
         assert framer is not None
-        lines = []
-        while (line := framer.next_line()) is not None:
-            lines.append(line)
+        while not self._closed:
+            try:
+                line = framer.next_line()
+            except LineTooLong:
+                self._line_too_long()
+                return
+            if line is None:
+                break
+            if not self._answer(line):
+                return
         if framer.empty:
             self._framer = None
-            self._fast = not self._async
-        if self._async:
-            self._queue_lines(lines)
-            return
-        for line in lines:
-            if self._closed or not self._answer(line):
-                return
+            self._fast = True
 
     def _answer(self, line: bytes) -> bool:
         """Hand one line to the sync handler and send its reply; False once it raised."""
@@ -260,28 +267,25 @@ class LineHandler(_Connection):
             self.write(reply)  # type: ignore[arg-type]
         return True
 
-    def _queue_lines(self, lines: list[bytes]) -> None:
-        queue = self._queue
-        if queue is None:
-            queue = self._queue = deque()
-        queue.extend(lines)
-        if queue and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run_queue())
-        if len(queue) > 64:
-            self._transport.pause_reading()  # resumed by _run_queue when it catches up
-
-    async def _run_queue(self) -> None:
-        queue = self._queue
-        assert queue is not None
+    async def _run_lines(self) -> None:
+        """Await the async handler for each buffered line, in order; the framer is the queue."""
+        framer = self._framer
+        assert framer is not None
         try:
-            while queue and not self._closed:
-                line = queue.popleft()
+            while not self._closed:
+                line = framer.next_line()
+                if line is None:
+                    # At the end of the stream the unterminated last line is still a line.
+                    line = framer.take_buffer() if self._eof else None
+                    if not line:
+                        break
                 reply = await self.handle_line(line)  # type: ignore[misc]
                 if reply is not None:
                     self.write(reply)
                     await self._wait_writable()
-                if len(queue) < 16 and not self._eof and not self._closed:
-                    self._transport.resume_reading()
+                self._update_reading()
+        except LineTooLong:
+            self._line_too_long()
         except Exception as exc:
             self._handler_error(exc)
         finally:
@@ -289,25 +293,42 @@ class LineHandler(_Connection):
         if self._eof and not self._closed:
             self._transport.close()
 
+    def _update_reading(self) -> None:
+        """Read from the peer unless it has ended, is not reading its replies, or the
+        async handler is more than READ_AHEAD bytes behind."""
+        framer = self._framer
+        want = not (
+            self._eof
+            or self._writing_paused
+            or (framer is not None and framer.buffered > READ_AHEAD)
+        )
+        if want == self._reading_paused:
+            self._reading_paused = not want
+            if want:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
     def eof_received(self) -> bool:
         self._eof = True
-        tail = self._framer.take_buffer() if self._framer is not None else b""
+        framer = self._framer
+        if self._async:
+            if framer is not None and not framer.empty and self._task is None:
+                self._task = asyncio.get_running_loop().create_task(self._run_lines())
+            return self._task is not None  # keep the transport open until lines are answered
+        tail = framer.take_buffer() if framer is not None else b""
         if tail:  # the last line of a stream may lack its newline; it is still a line
-            if self._async:
-                self._queue_lines([tail])
-            else:
-                self._answer(tail)
-        return self._task is not None  # keep the transport open until queued lines are answered
+            self._answer(tail)
+        return False
 
     def pause_writing(self) -> None:
         # A peer that does not read its replies does not get to send more requests.
         self._writing_paused = True
-        self._transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if not self._eof:
-            self._transport.resume_reading()
+        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sockserve.bench import LatencyHistogram
+from stdlib_servers import UnixServer, serving, tcp_server
 
 TIMEOUT = 30.0
 
@@ -49,33 +48,6 @@ class Silent(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         for _ in self.rfile:
             pass
-
-
-class TCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-
-
-class UnixServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-
-
-@contextmanager
-def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
-    """Serve in a thread; shut down, close and join in teardown."""
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
-
-
-@contextmanager
-def tcp_server(handler: type[socketserver.BaseRequestHandler]) -> Iterator[str]:
-    with serving(TCPServer(("127.0.0.1", 0), handler)) as server:
-        yield f"127.0.0.1:{server.server_address[1]}"  # type: ignore[index]
 
 
 @dataclass

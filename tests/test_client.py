@@ -12,14 +12,14 @@ import socketserver
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from stdlib_servers import UnixServer, serving, tcp_server
 
 TIMEOUT = 20.0
 
@@ -72,35 +72,6 @@ class SlowTwoParts(socketserver.StreamRequestHandler):
 class UpperDatagrams(socketserver.DatagramRequestHandler):
     def handle(self) -> None:
         self.wfile.write(self.rfile.read().upper())
-
-
-class TCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-
-
-class UnixServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-
-
-@contextmanager
-def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
-    """Serve in a thread; shut down, close and join in teardown."""
-    # A short poll interval: the stdlib's shutdown() waits up to one interval.
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
-
-
-@contextmanager
-def tcp_server(handler: type[socketserver.BaseRequestHandler]) -> Iterator[str]:
-    """An address ``127.0.0.1:PORT`` served by ``handler``."""
-    with serving(TCPServer(("127.0.0.1", 0), handler)) as server:
-        yield f"127.0.0.1:{server.server_address[1]}"  # type: ignore[index]
 
 
 @dataclass

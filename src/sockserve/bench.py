@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sockserve.binding import FdAddress, TCPAddress, UDPAddress, UnixAddress, parse_address
+from sockserve.client import error_text, positive
+from sockserve.settings import SettingsError
+from sockserve.supervisor import new_event_loop, raise_open_file_limit
 
 __all__ = ["LatencyHistogram", "add_arguments", "run"]
 
@@ -98,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
         "--connections",
-        type=_positive(int),
+        type=positive(int),
         default=64,
         metavar="N",
         help="concurrent connections (default 64)",
@@ -114,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-d",
         "--duration",
-        type=_positive(float),
+        type=positive(float),
         default=10.0,
         metavar="SECONDS",
         help="stop after this long (default 10)",
@@ -122,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-n",
         "--requests",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         metavar="N",
         help="stop after N requests in all (default: no limit but --duration)",
@@ -130,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-p",
         "--pipeline",
-        type=_positive(int),
+        type=positive(int),
         default=1,
         metavar="K",
         help="requests in flight per connection (default 1)",
@@ -143,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_positive(float),
+        type=positive(float),
         default=5.0,
         metavar="SECONDS",
         help="connect timeout; a request still unanswered this long at the end is an "
@@ -157,26 +160,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--progress-interval",
-        type=_positive(float),
+        type=positive(float),
         default=None,
         metavar="SECONDS",
         help="progress on stderr this often (default 1 on a terminal, else 5)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-
-
-def _positive(kind: type[int] | type[float]) -> Any:
-    def convert(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-        return value
-
-    return convert
 
 
 def _at_least(minimum: int) -> Any:
@@ -393,7 +383,7 @@ class _Bench:
         except (OSError, asyncio.TimeoutError) as exc:
             self.results.errors.connect += 1
             if self.results.first_connect_error is None:
-                self.results.first_connect_error = _reason(exc)
+                self.results.first_connect_error = error_text(exc)
         finally:
             self.pending_connects -= 1
             if not self.stopping:
@@ -464,29 +454,6 @@ class _Bench:
             self.results.errors.timeout += sum(
                 1 for sent, _ in connection.in_flight if sent < oldest
             )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return exc.strerror or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def _new_loop(name: str) -> asyncio.AbstractEventLoop:
-    if name in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if name == "uvloop":
-                raise
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
 
 
 def summary(results: Results, options: Options) -> dict[str, Any]:
@@ -590,14 +557,11 @@ def run(args: argparse.Namespace) -> int:
         progress_interval=args.progress_interval or (1.0 if progress == "tty" else 5.0),
     )
     try:
-        loop = _new_loop(args.loop)
-    except ImportError:
+        loop = new_event_loop(args.loop)
+    except SettingsError:
         print(f"{PROG}: error: --loop uvloop: uvloop is not installed", file=sys.stderr)
         return 2
-    with contextlib.suppress(ImportError, OSError):
-        from sockserve.supervisor import raise_open_file_limit
-
-        raise_open_file_limit()  # a descriptor per connection
+    raise_open_file_limit()  # a descriptor per connection
     try:
         results = loop.run_until_complete(_run(options))
     except KeyboardInterrupt:  # before the loop's own SIGINT handler was in place

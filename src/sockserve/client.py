@@ -10,6 +10,7 @@ on stderr, and end of input (Ctrl-D) ends the session cleanly.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import codecs
 import contextlib
 import os
@@ -17,7 +18,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sockserve.binding import (
     Address,
@@ -58,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="ADDRESS", help="where the server listens")
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive(float),
         default=10.0,
         metavar="SECONDS",
         help="how long to wait for a connection and for the first bytes of a reply (default 10)",
     )
     parser.add_argument(
         "--quiet-time",
-        type=_positive_float,
+        type=positive(float),
         default=0.2,
         metavar="SECONDS",
         help="a reply without a trailing newline ends once no bytes arrive for this long "
@@ -82,14 +83,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-server-name", metavar="NAME", help="the name to verify and send (SNI)")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` greater than 0."""
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+
+    return convert
 
 
 def describe(address: Address) -> str:
@@ -104,10 +110,11 @@ def describe(address: Address) -> str:
     return f"fd://{address.fd}"
 
 
-def _reason(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """A network error as a short phrase for a one-line message: no errno, no traceback."""
     if isinstance(exc, socket.gaierror):
         return exc.strerror or str(exc)
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "timed out"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
@@ -163,7 +170,7 @@ def connect(
                 sock = context.wrap_socket(sock, server_hostname=args.tls_server_name)
         return sock
     except (OSError, ssl.SSLError) as exc:
-        raise ServerGone(f"cannot connect to {url}: {_reason(exc)}") from None
+        raise ServerGone(f"cannot connect to {url}: {error_text(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -199,7 +206,7 @@ class Session:
         except (ConnectionResetError, ssl.SSLEOFError):
             raise ServerGone("server closed the connection") from None
         except (ConnectionError, ssl.SSLError) as exc:
-            raise ServerGone(f"connection to {self.url} lost: {_reason(exc)}") from None
+            raise ServerGone(f"connection to {self.url} lost: {error_text(exc)}") from None
         if not data and not self.datagram:
             self.closed = True
         return data
@@ -221,7 +228,7 @@ class Session:
             except (ConnectionResetError, ssl.SSLEOFError):
                 self.closed = True
             except (ConnectionError, ssl.SSLError) as exc:
-                raise ServerGone(f"connection to {self.url} lost: {_reason(exc)}") from None
+                raise ServerGone(f"connection to {self.url} lost: {error_text(exc)}") from None
             if data:
                 _print_reply(data.decode("utf-8", "replace"))
         if self.closed:
@@ -241,7 +248,7 @@ class Session:
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             raise ServerGone("server closed the connection") from None
         except OSError as exc:
-            raise ServerGone(f"cannot send to {self.url}: {_reason(exc)}") from None
+            raise ServerGone(f"cannot send to {self.url}: {error_text(exc)}") from None
         self.receive()
 
     def receive(self) -> None:
@@ -326,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             context = tls_context(args)
         except (OSError, ssl.SSLError) as exc:
-            _note(f"error: --tls-ca {args.tls_ca}: {_reason(exc)}")
+            _note(f"error: --tls-ca {args.tls_ca}: {error_text(exc)}")
             return 2
     try:
         sock = connect(address, args, context)

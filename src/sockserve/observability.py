@@ -211,15 +211,21 @@ class Metrics:
 
 
 class MetricsEndpoint(asyncio.Protocol):
-    """Answers ``GET /metrics`` on the metrics listener: a few lines, not an HTTP server."""
+    """Answers ``GET /metrics`` on the metrics listener: a few lines, not an HTTP server.
+
+    ``prepare`` runs in the event loop (it reads the live counters); ``render`` runs on a
+    thread, since with workers it reads every worker's metrics file from disk.
+    """
 
     MAX_REQUEST = 8192
 
-    def __init__(self, render: Callable[[], bytes]) -> None:
+    def __init__(self, prepare: Callable[[], None], render: Callable[[], bytes]) -> None:
+        self.prepare = prepare
         self.render = render
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -227,22 +233,36 @@ class MetricsEndpoint(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
+        if self.answered:
+            return
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
             if len(self.buffer) > self.MAX_REQUEST:
                 self.transport.close()
             return
+        self.answered = True
         request_line = self.buffer.split(b"\n", 1)[0].split()
         if (
             len(request_line) >= 2
             and request_line[0] == b"GET"
             and (request_line[1] == b"/metrics" or request_line[1].startswith(b"/metrics?"))
         ):
-            body = self.render()
-            status = b"200 OK"
-            kind = b"text/plain; version=0.0.4; charset=utf-8"
+            self.prepare()
+            rendering = asyncio.get_running_loop().run_in_executor(None, self.render)
+            rendering.add_done_callback(self._rendered)
         else:
-            body, status, kind = b"not found\n", b"404 Not Found", b"text/plain"
+            self._respond(b"404 Not Found", b"text/plain", b"not found\n")
+
+    def _rendered(self, rendering: asyncio.Future[bytes]) -> None:
+        if rendering.cancelled() or rendering.exception() is not None:
+            self._respond(b"500 Internal Server Error", b"text/plain", b"metrics failed\n")
+            return
+        self._respond(b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", rendering.result())
+
+    def _respond(self, status: bytes, kind: bytes, body: bytes) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
         self.transport.write(
             b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
             % (status, kind, len(body))

@@ -653,10 +653,9 @@ class Server:
             self.metrics.flush(self.stats, self._open)
         self._schedule_sweep()
 
-    def _render_metrics(self) -> bytes:
+    def _flush_metrics(self) -> None:
         assert self.metrics is not None
         self.metrics.flush(self.stats, self._open)
-        return self.metrics.render()
 
     async def _start_metrics(self) -> None:
         """Serve /metrics: our own listener, or the supervisor's shared one."""
@@ -664,13 +663,15 @@ class Server:
 
         if self.metrics is None:
             self.metrics = Metrics()
+        metrics = self.metrics
         if self._metrics_listener is None:
             assert self.settings.metrics is not None
             address = binding.parse_address(self.settings.metrics)
             self._metrics_listener = binding.bind(address, backlog=128)[0]
             log_metrics_url(self._metrics_listener)
         self._metrics_server = await self.loop.create_server(
-            lambda: MetricsEndpoint(self._render_metrics), sock=self._metrics_listener.sock
+            lambda: MetricsEndpoint(self._flush_metrics, metrics.render),
+            sock=self._metrics_listener.sock,
         )
 
     # -- stopping ------------------------------------------------------------------------

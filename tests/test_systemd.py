@@ -128,6 +128,8 @@ def test_activation_tcp_and_unix_sockets(spawn: Spawn, tmp_path: Path) -> None:
         unix.connect(str(path))
         unix.sendall(b"over unix\n")
         assert sorted(listening(server, 2)) == sorted([f"tcp://127.0.0.1:{port}", f"unix:{path}"])
+        assert f"listening on tcp://127.0.0.1:{port} (web)" in server.text  # systemd's names
+        assert f"listening on unix:{path} (admin)" in server.text
         assert read_line(unix) == b"OVER UNIX\n"
     assert ask_tcp(port) == b"HELLO\n"
     stop(server)
@@ -182,6 +184,8 @@ def test_activation_passes_fd_names_and_environment(spawn: Spawn, tmp_path: Path
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"this line is too long\n")
         assert sorted(listening(server, 2)) == sorted([f"tcp://127.0.0.1:{port}", f"unix:{path}"])
+        assert f"listening on tcp://127.0.0.1:{port} (web)" in server.text  # systemd's names
+        assert f"listening on unix:{path} (admin)" in server.text
         assert read_line(sock) == b""  # over SOCKSERVE_MAX_LINE: closed
     assert ask_tcp(port, b"short\n") == b"SHORT\n"
     stop(server)

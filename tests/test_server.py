@@ -554,3 +554,32 @@ def test_async_line_handler_behind_a_flood_stays_bounded(loop: str) -> None:
         sock.setblocking(True)
         sock.settimeout(5)
         assert sock.recv(2) == b"x\n"  # and it is still answering, in order
+
+
+def test_async_datagram_handlers_run_a_bounded_number_at_once(loop: str) -> None:
+    """A flood of datagrams for a slow async handler: at most DATAGRAM_CONCURRENCY run,
+    then reading pauses (the kernel buffer holds or drops the rest, as UDP does)."""
+    from sockserve.server import DATAGRAM_CONCURRENCY
+
+    class Stuck(sockserve.DatagramHandler):
+        async def handle_datagram(self, data: bytes, client_address: Any) -> bytes:
+            await asyncio.sleep(0.5)
+            return data
+
+    with serving(Stuck, loop, bind=["udp://127.0.0.1:0"]) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            endpoint = server.server._datagram[0]
+            sent = 0  # in small batches: a blast would only overflow the kernel's buffer
+            while server.call(lambda: endpoint.reading) and sent < 4 * DATAGRAM_CONCURRENCY:
+                for _ in range(64):
+                    udp.sendto(b"%d" % sent, server.address)
+                    sent += 1
+                time.sleep(0.005)
+            assert server.call(lambda: endpoint.in_flight) == DATAGRAM_CONCURRENCY
+            assert server.call(lambda: endpoint.reading) is False
+            udp.settimeout(5)
+            assert udp.recvfrom(100)[0].isdigit()  # the running ones finish and answer
+        deadline = time.monotonic() + 5
+        while server.call(lambda: endpoint.reading) is False:  # resumes once they finish
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

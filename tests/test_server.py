@@ -8,6 +8,7 @@ import os
 import resource
 import socket
 import socketserver
+import sys
 import threading
 import time
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 import sockserve
 from serving import LOOPS, connect, read_all, read_line, serving
+from sockserve import binding
 from sockserve.handlers import LineHandler, StreamHandler
 
 pytestmark = pytest.mark.parametrize("loop", LOOPS)
@@ -329,6 +331,48 @@ def test_backlog_is_served_on_shutdown(loop: str) -> None:
             sock.close()
         first.close()
         stopper.join(10)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the SYN filter is Linux's")
+def test_refuse_new_keeps_new_clients_out_but_the_backlog_in() -> None:
+    """What stopping does before its last drain: a client already in the backlog is still
+    accepted, a new one is not let in (its SYN is dropped) and is refused once closed."""
+    listener = binding.bind(binding.parse_address("127.0.0.1:0"), backlog=8)[0]
+    address = listener.sock.getsockname()
+    with socket.create_connection(address, timeout=5) as queued:
+        listener.refuse_new()
+        with pytest.raises(TimeoutError):
+            socket.create_connection(address, timeout=0.3)
+        listener.sock.setblocking(True)
+        conn, _ = listener.sock.accept()
+        with conn:
+            queued.sendall(b"still served\n")
+            assert conn.recv(100) == b"still served\n"
+    listener.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5)
+
+
+def test_refuse_new_removes_the_socket_file_first(tmp_path: Any) -> None:
+    path = str(tmp_path / "s.sock")
+    listener = binding.bind(binding.parse_address(f"unix:{path}"), backlog=8)[0]
+    with socket.socket(socket.AF_UNIX) as queued:
+        queued.connect(path)
+        listener.refuse_new()
+        assert not os.path.exists(path)
+        listener.sock.setblocking(True)
+        listener.sock.accept()[0].close()
+    listener.close()
+
+
+def test_refuse_new_leaves_inherited_sockets_alone() -> None:
+    """Whoever passed the socket serves it on after we stop: it must stay open to all."""
+    with socket.create_server(("127.0.0.1", 0)) as original:
+        listener = binding.adopt_fd(os.dup(original.fileno()), backlog=8)
+        listener.refuse_new()
+        listener.close()
+        with socket.create_connection(original.getsockname(), timeout=0.5):
+            pass
 
 
 def test_blocking_handlers_stuck_reading_are_released_at_the_deadline(loop: str) -> None:

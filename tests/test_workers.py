@@ -172,8 +172,13 @@ def test_ttin_and_ttou_change_the_worker_count(start_server: StartServer, app_di
     wait_for(lambda: len(worker_pids(server)) == 1, server)
     server.signal(signal.SIGTTIN)
     wait_for(lambda: len(worker_pids(server)) == 2, server)
+    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
     server.signal(signal.SIGTTOU)
-    wait_for(lambda: len(worker_pids(server)) == 1, server)
+    wait_for(lambda: "stopped (exit code 0)" in server.text, server)
+    assert len(worker_pids(server)) == 1
+    # The worker that stopped left the shared socket as it was: new clients get in at once.
+    with socket.create_connection(host_port(server.urls[0]), timeout=0.5):
+        pass
     assert ask(host_port(server.urls[0])).endswith(b" hi\n")
 
 

@@ -7,11 +7,14 @@ listening sockets and closes whatever it opened if any step fails.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
 import socket
 import stat
+import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -134,6 +137,9 @@ class Listener:
     url: str
     unix_path: str | None = None  # a socket file sockserve created and removes on close
     name: str | None = None  # systemd's FileDescriptorName, if any
+    # Another process goes on serving this socket after we close our copy: systemd, the
+    # parent that passed fd://N, or (in a worker) the supervisor.
+    shared: bool = False
     _inode: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
@@ -144,14 +150,58 @@ class Listener:
         """The URL, with systemd's name for the socket when it has one."""
         return f"{self.url} ({self.name})" if self.name else self.url
 
+    def refuse_new(self) -> None:
+        """Keep new clients out of the backlog before it is drained for the last time.
+
+        Closing a listening socket resets every connection still in its backlog, so one
+        that arrives between the last accept() and close() would be reset after the
+        client saw it connect. Removing the socket file (Unix) or dropping new SYNs (TCP
+        on Linux; the client retries and is then refused) closes that gap; handshakes
+        already under way still complete and are accepted by the drain.
+        """
+        if self.datagram or self.shared:
+            return
+        if self.unix_path:
+            self._remove_file()
+        elif self.family in (socket.AF_INET, socket.AF_INET6) and sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_NEW_SYNS.fprog)
+
     def close(self) -> None:
         """Close the socket and remove the socket file if it is still the one we made."""
+        self._remove_file()
+        self.sock.close()
+
+    def _remove_file(self) -> None:
         if self.unix_path and self._inode:
             with contextlib.suppress(OSError):
                 st = os.stat(self.unix_path)
                 if (st.st_dev, st.st_ino) == self._inode:
                     os.unlink(self.unix_path)
-        self.sock.close()
+            self._inode = None
+
+
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+class _SocketFilter:
+    """A classic BPF program in the layout SO_ATTACH_FILTER takes (a struct sock_fprog)."""
+
+    def __init__(self, *instructions: tuple[int, int, int, int]) -> None:
+        code = b"".join(struct.pack("HBBI", *i) for i in instructions)
+        self._code = ctypes.create_string_buffer(code, len(code))  # kept alive for the pointer
+        self.fprog = struct.pack("HP", len(instructions), ctypes.addressof(self._code))
+
+
+# Run on each packet from the TCP header on: drop a bare SYN (a new handshake), pass the
+# rest (among it the ACKs that finish handshakes already under way).
+_DROP_NEW_SYNS = _SocketFilter(
+    (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+    (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
+    (0x15, 0, 1, 0x02),  # jeq #SYN: next, else skip one
+    (0x06, 0, 0, 0),  # ret #0: drop
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: pass
+)
 
 
 def _listener(sock: socket.socket, datagram: bool) -> Listener:
@@ -280,7 +330,9 @@ def adopt_fd(fd: int, backlog: int) -> Listener:
         if not datagram and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.listen(backlog)
         sock.setblocking(False)
-        return _listener(sock, datagram)
+        listener = _listener(sock, datagram)
+        listener.shared = True
+        return listener
 
 
 def bind(

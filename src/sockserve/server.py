@@ -678,6 +678,7 @@ class Server:
 
     def _stop_accepting(self) -> None:
         for listener in self._stream:
+            listener.listener.refuse_new()
             listener.drain_backlog()
             listener.set_reading(False)
         for endpoint in self._datagram:

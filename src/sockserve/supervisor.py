@@ -469,6 +469,7 @@ class Supervisor:
             self.stop_deadline = time.monotonic() + self.settings.graceful_timeout + 5.0
             # Close our copies first: the last worker to drain its backlog closes the socket.
             for listener in self.shared:
+                listener.refuse_new()
                 listener.close()
             self.shared = []
         elif signum == signal.SIGINT:
@@ -521,6 +522,8 @@ class Supervisor:
             for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
                 signal.signal(sig, signal.SIG_IGN)  # the server's loop handles HUP once up
             os.close(self._alive_w)
+            for listener in self.shared:
+                listener.shared = True  # the supervisor serves it on after this worker stops
             os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
             for worker in self.workers.values():
                 if worker.ready_fd >= 0:

@@ -135,11 +135,17 @@ def test_metrics_and_json_access_log_match_the_traffic(
     for record in records:
         assert {"time", "level", "logger", "message"} <= set(record)
     access = [r for r in records if r["logger"] == "sockserve.access"]
-    assert len(access) == 3  # the refused peer never became a connection
+    assert len(access) == 4  # the refused peer too: one record per connection
     by_bytes = sorted((r["bytes_in"], r["bytes_out"], r["close_reason"]) for r in access)
-    assert by_bytes == [(5, 0, "handler error"), (12, 12, "eof"), (100, 100, "eof")]
+    assert by_bytes == [
+        (0, 0, "denied"),
+        (5, 0, "handler error"),
+        (12, 12, "eof"),
+        (100, 100, "eof"),
+    ]
     for record in access:
-        assert record["peer"].startswith("127.0.0.1:")
+        peer = "127.0.0.3:" if record["close_reason"] == "denied" else "127.0.0.1:"
+        assert record["peer"].startswith(peer)
         assert record["listener"] == server.urls[0]
         assert record["duration_ms"] >= 0
 

@@ -526,6 +526,22 @@ def test_allow_and_deny(loop: str) -> None:
         assert server.server.stats.rejected_by_reason["denied"] == 1
 
 
+def test_a_flood_of_refused_peers_logs_a_line_a_second(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refusal is counted, but peers choose how often it happens: the log is limited."""
+    caplog.set_level(logging.INFO, "sockserve.server")
+    started = time.monotonic()
+    with serving(Upper, loop, deny=["127.0.0.0/8"]) as server:
+        for _ in range(200):
+            with connect(server.address) as sock:
+                assert sock.recv(10) == b""
+        assert server.call(lambda: server.server.stats.rejected_by_reason["denied"]) == 200
+    elapsed = time.monotonic() - started
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused")]
+    assert 1 <= len(refused) <= 1 + elapsed
+
+
 def test_dual_stack_and_ipv6(loop: str) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")

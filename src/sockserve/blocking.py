@@ -166,7 +166,7 @@ class BlockingPool:
             handler.__init__(request, address, server)
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             reason = "idle timeout"
-            logger.info("closing %s: idle for %.1f s", address, settings.idle_timeout)
+            server._idle_log("closing %s: idle for %.1f s", address, settings.idle_timeout)
         except OSError as exc:
             reason = f"error: {exc}"
             logger.debug("connection from %s ended: %s", address, exc)

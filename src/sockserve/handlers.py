@@ -124,7 +124,9 @@ class _Connection(asyncio.Protocol):
         self._transport.close()
 
     def _line_too_long(self) -> None:
-        logger.warning("closing %s: line longer than %d bytes", self.client_address, self._max_line)
+        self.server._long_line_log(
+            "closing %s: line longer than %d bytes", self.client_address, self._max_line
+        )
         self._abort("line too long")
 
     # asyncio.Protocol

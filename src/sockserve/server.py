@@ -46,10 +46,14 @@ class HandlerKindError(TypeError):
 
 
 class _RateLimitedLog:
-    """Logs a recurring condition at most once per ``interval`` seconds, counting the rest."""
+    """Logs a recurring condition at most once per ``interval`` seconds, counting the rest.
 
-    def __init__(self, interval: float = 10.0) -> None:
+    Peers choose how often these happen; a flood of them must not become a flood of logs.
+    """
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
         self.interval = interval
+        self.level = level
         self.last = -interval
         self.suppressed = 0
 
@@ -62,7 +66,7 @@ class _RateLimitedLog:
             msg += " (%d more since the last report)"
             args = (*args, self.suppressed)
         self.last, self.suppressed = now, 0
-        logger.warning(msg, *args)
+        logger.log(self.level, msg, *args)
 
 
 def handler_kind(handler: type) -> str:
@@ -319,6 +323,9 @@ class Server:
         self._overload_log = _RateLimitedLog()
         self._oversize_log = _RateLimitedLog()
         self._reject_log = _RateLimitedLog(interval=1.0)
+        self._refuse_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
+        self._idle_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
+        self._long_line_log = _RateLimitedLog(interval=1.0)
 
     # -- public API --------------------------------------------------------------------
 
@@ -468,7 +475,9 @@ class Server:
 
     def _reject(self, conn: socket.socket, address: Any, listener: Listener, reason: str) -> None:
         self.stats.rejected(reason)
-        logger.info("refused %s on %s: %s", address, listener.url, reason)
+        self._refuse_log("refused %s on %s: %s", address, listener.url, reason)
+        if self.settings.access_log:
+            log_access(address, listener.url, 0.0, 0, 0, reason)
         with contextlib.suppress(OSError):
             conn.close()
         self._closed_one()
@@ -573,6 +582,8 @@ class Server:
             reason = "TLS handshake failed" if self._ssl is not None else "connect failed"
             self.stats.rejected("tls" if self._ssl is not None else "error")
             self._reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
+            if self.settings.access_log:
+                log_access(handler.client_address, handler.listener, 0.0, 0, 0, reason)
             with contextlib.suppress(OSError):
                 conn.close()
             if handler not in self._connections:
@@ -647,7 +658,7 @@ class Server:
                     conn._idle_since = now
                 elif now - conn._idle_since >= timeout and not conn._closed:
                     idle = now - conn._idle_since
-                    logger.info("closing %s: idle for %.1f s", conn.client_address, idle)
+                    self._idle_log("closing %s: idle for %.1f s", conn.client_address, idle)
                     conn._abort("idle timeout")
         if self.metrics is not None:
             self.metrics.flush(self.stats, self._open)

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import subprocess
 import sys
 import types
 import unittest
@@ -74,3 +75,42 @@ def test_cpython_socketserver_suite_passes() -> None:
     assert result.testsRun >= 20, stream.getvalue()
     if sys.platform == "linux":  # fork and Unix sockets exist: nothing may be skipped
         assert not result.skipped, result.skipped
+
+
+PATCHED_SUITE = """
+import sys, unittest, importlib
+import sockserve, sockserve.socketserver
+sockserve.patch()
+module = importlib.import_module(sys.argv[1])
+server = importlib.import_module(sys.argv[2])
+assert issubclass(getattr(server, sys.argv[3]), sockserve.socketserver.TCPServer), sys.argv[3]
+suite = unittest.defaultTestLoader.loadTestsFromModule(module)
+result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)
+sys.exit(0 if result.wasSuccessful() and result.testsRun >= 20 else 1)
+"""
+
+
+@pytest.mark.parametrize(
+    ("suite", "server", "server_class"),
+    [
+        ("test.test_httpservers", "http.server", "HTTPServer"),
+        ("test.test_wsgiref", "wsgiref.simple_server", "WSGIServer"),
+    ],
+)
+def test_stdlib_users_pass_their_own_suites_when_patched(
+    suite: str, server: str, server_class: str
+) -> None:
+    """CPython's tests for modules built on socketserver, with patch() applied first, in
+    a fresh interpreter so nothing imported the stdlib module before."""
+    try:
+        importlib.util.find_spec(suite)
+    except ModuleNotFoundError:
+        pytest.skip(f"{suite} is not installed")
+    result = subprocess.run(
+        [sys.executable, "-c", PATCHED_SUITE, suite, server, server_class],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

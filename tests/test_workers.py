@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -22,13 +23,15 @@ from serving import read_line
 StartServer = Callable[..., ServerProcess]
 
 APP = """
-import asyncio, os, socketserver
+import asyncio, os, socketserver, time
 import sockserve
 
 VERSION = b"{version}"
 
 class Versioned(sockserve.LineHandler):
     def handle_line(self, line):
+        if line == b"block the loop\\n":
+            time.sleep(60)
         return VERSION + b" " + str(os.getpid()).encode() + b" " + line
 
 class SlowBlocking(socketserver.StreamRequestHandler):
@@ -180,6 +183,30 @@ def test_ttin_and_ttou_change_the_worker_count(start_server: StartServer, app_di
     with socket.create_connection(host_port(server.urls[0]), timeout=0.5):
         pass
     assert ask(host_port(server.urls[0])).endswith(b" hi\n")
+
+
+def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    server = start_server(
+        [
+            *("run", "app:Versioned", "--bind", "127.0.0.1:0"),
+            *("--workers", "2", "--worker-timeout", "1"),
+        ],
+        cwd=str(app_dir),
+    )
+    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    address = host_port(server.urls[0])
+    with socket.create_connection(address, timeout=5) as stuck:
+        stuck.sendall(b"block the loop\n")
+        blocked = int(server.read_until(r"worker (\d+) unresponsive for", timeout=10).group(1))
+        server.read_until(rf"worker {blocked} died \(signal SIGKILL\); starting", timeout=10)
+        with contextlib.suppress(ConnectionResetError):
+            assert stuck.recv(100) == b""
+    wait_for(lambda: len(worker_pids(server)) == 2 and blocked not in worker_pids(server), server)
+    assert ask(address).endswith(b" hi\n")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
 
 
 def test_source_change_reloads_workers_with_reload_flag(

@@ -245,6 +245,12 @@ class Settings:
     handshake_timeout: float = _setting(
         10.0, duration, "Time a new connection has to send its PROXY header and finish TLS."
     )
+    worker_timeout: float = _setting(
+        30.0,
+        duration,
+        "With a supervisor: a worker whose event loop stays blocked this long (a handler"
+        " stuck in a loop, a stopped process) is killed and replaced; 0 never.",
+    )
     tls_cert: str | None = _setting(
         None, optional_str, "PEM certificate chain; turns TLS on.", metavar="PATH"
     )

@@ -278,14 +278,18 @@ CRASH_WINDOW = 5.0  # a worker dying sooner than this after it started counts as
 MAX_BACKOFF = 30.0
 
 
+HEARTBEAT = 1.0  # a worker's loop writes a byte to the supervisor this often
+
+
 @dataclass(eq=False)
 class _Worker:
     pid: int
     generation: int
-    ready_fd: int
+    beat_fd: int  # the worker writes a byte here once it serves, then every HEARTBEAT
     started: float
     ready: bool = False
     stopping: bool = False
+    last_beat: float = 0.0
 
 
 class Supervisor:
@@ -388,7 +392,7 @@ class Supervisor:
                                 while wake_r.recv(4096):
                                     pass
                         else:
-                            self._ready_event(key.data)
+                            self._beat_event(key.data)
                     self._handle_signals()
                     self._reap()
                     self._tick()
@@ -437,6 +441,10 @@ class Supervisor:
             deadlines.append(self.reload_deadline)
         if self.settings.reload and not self.stopping:
             deadlines.append(self._next_scan)
+        if self.settings.worker_timeout:
+            deadlines.extend(
+                w.last_beat + self.settings.worker_timeout for w in self.workers.values() if w.ready
+            )
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _handle_signals(self) -> None:
@@ -497,22 +505,22 @@ class Supervisor:
 
     def _spawn(self) -> None:
         listeners = self._worker_listeners()
-        ready_r, ready_w = os.pipe()
+        beat_r, beat_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.close(ready_r)
-            self._worker_main(listeners, ready_w)
-        os.close(ready_w)
+            os.close(beat_r)
+            self._worker_main(listeners, beat_w)
+        os.close(beat_w)
         if self.settings.reuse_port:
             for listener in listeners:
                 if listener not in self.shared:
                     listener.sock.close()
-        worker = _Worker(pid, self.generation, ready_r, time.monotonic())
+        worker = _Worker(pid, self.generation, beat_r, time.monotonic())
         self.workers[pid] = worker
-        self.selector.register(ready_r, selectors.EVENT_READ, worker)
+        self.selector.register(beat_r, selectors.EVENT_READ, worker)
         logger.info("started worker %d", pid)
 
-    def _worker_main(self, listeners: list[Listener], ready_w: int) -> NoReturn:
+    def _worker_main(self, listeners: list[Listener], beat_w: int) -> NoReturn:
         """The child side of fork: never returns."""
         code = 0
         try:
@@ -526,8 +534,8 @@ class Supervisor:
                 listener.shared = True  # the supervisor serves it on after this worker stops
             os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
             for worker in self.workers.values():
-                if worker.ready_fd >= 0:
-                    os.close(worker.ready_fd)
+                if worker.beat_fd >= 0:
+                    os.close(worker.beat_fd)
             self.selector.close()
             try:
                 handler = load_handler(self.handler)
@@ -538,9 +546,17 @@ class Supervisor:
             alive_r = self._alive_r
 
             def started(stop: Callable[[bool], None]) -> None:
-                os.write(ready_w, b"1")
-                os.close(ready_w)
                 loop = asyncio.get_running_loop()
+                os.write(beat_w, b"1")
+                os.set_blocking(beat_w, False)
+
+                def beat() -> None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(beat_w, b".")
+                    loop.call_later(HEARTBEAT, beat)
+
+                if self.settings.worker_timeout:
+                    loop.call_later(HEARTBEAT, beat)
 
                 def supervisor_gone() -> None:
                     loop.remove_reader(alive_r)
@@ -564,15 +580,19 @@ class Supervisor:
             logging.shutdown()
             os._exit(code)
 
-    def _ready_event(self, worker: _Worker) -> None:
+    def _beat_event(self, worker: _Worker) -> None:
+        """The worker is ready (its first byte) or its loop is alive (every later one)."""
         try:
-            data = os.read(worker.ready_fd, 1)
+            data = os.read(worker.beat_fd, 4096)
         except OSError:
             data = b""
-        self.selector.unregister(worker.ready_fd)
-        os.close(worker.ready_fd)
-        worker.ready_fd = -1
-        if data:
+        if not data:  # the worker is gone or never got going; _reap tells which
+            self.selector.unregister(worker.beat_fd)
+            os.close(worker.beat_fd)
+            worker.beat_fd = -1
+            return
+        worker.last_beat = time.monotonic()
+        if not worker.ready:
             worker.ready = True
             if not self.booted:
                 notify.notify("READY=1", f"MAINPID={os.getpid()}")
@@ -596,9 +616,9 @@ class Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            if worker.ready_fd >= 0:
-                self.selector.unregister(worker.ready_fd)
-                os.close(worker.ready_fd)
+            if worker.beat_fd >= 0:
+                self.selector.unregister(worker.beat_fd)
+                os.close(worker.beat_fd)
             code = os.waitstatus_to_exitcode(status)
             if self.metrics is not None:
                 self.metrics[0].worker_exited(pid)
@@ -667,6 +687,17 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        timeout = self.settings.worker_timeout
+        for worker in self.workers.values() if timeout else ():
+            if worker.ready and now - worker.last_beat >= timeout:
+                logger.error(
+                    "worker %d unresponsive for %.1f s (its event loop is blocked); killing it",
+                    worker.pid,
+                    now - worker.last_beat,
+                )
+                worker.last_beat = now  # one kill; _reap replaces it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
         if self.stopping and now >= self.stop_deadline:
             for worker in self.workers.values():
                 logger.warning("worker %d did not stop in time; killing it", worker.pid)

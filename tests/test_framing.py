@@ -56,10 +56,23 @@ def test_any_split_gives_the_same_lines(parts: list[bytes], limit: int) -> None:
     assert got == want_lines
     if not error:
         assert framer.partial == want_rest
+        assert framer.unfinished == len(want_rest)
         assert framer.buffered == len(want_rest)
 
 
 @settings(max_examples=100, derandomize=True)
+@given(chunks, st.integers(min_value=0, max_value=5))
+def test_unfinished_counts_the_bytes_after_the_last_newline(parts: list[bytes], take: int) -> None:
+    """What the line timeout watches: the unfinished line, however many lines are queued."""
+    framer = LineFramer(1 << 20)
+    for part in parts:
+        framer.feed(part)
+    for _ in range(take):
+        framer.next_line()
+    data = b"".join(parts)
+    assert framer.unfinished == len(data) - (data.rfind(b"\n") + 1)
+
+
 @given(st.integers(min_value=1, max_value=300))
 def test_never_buffers_past_the_limit(limit: int) -> None:
     framer = LineFramer(limit)

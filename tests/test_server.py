@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -93,6 +94,50 @@ def test_many_clients_at_once(loop: str, handler: type) -> None:
         finally:
             for sock in socks:
                 sock.close()
+
+
+@pytest.mark.parametrize("handler", [Upper, AsyncUpper, StreamUpper], ids=lambda h: h.__name__)
+def test_a_dripped_line_is_cut_at_the_line_timeout(
+    loop: str, handler: type, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer sending one line a byte at a time is never idle; the line timeout closes it
+    and so frees its slot for a client waiting in the backlog."""
+    caplog.set_level(logging.INFO, "sockserve.server")
+    settings = {"max_connections": 1, "line_timeout": 0.5, "idle_timeout": 0.3}
+    with serving(handler, loop, **settings) as server, connect(server.address) as dripper:
+        dripper.sendall(b"a\n")
+        assert read_line(dripper) == b"A\n"
+        stop = threading.Event()
+
+        def drip() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.05):
+                    dripper.sendall(b"x")
+
+        thread = threading.Thread(target=drip)
+        thread.start()
+        try:
+            started = time.monotonic()
+            with connect(server.address) as waiting:
+                waiting.sendall(b"hi\n")
+                assert read_line(waiting) == b"HI\n"
+            waited = time.monotonic() - started
+        finally:
+            stop.set()
+            thread.join(5)
+    assert 0.4 <= waited < 3
+    assert "line unfinished after" in caplog.text
+    assert "idle for" not in caplog.text
+
+
+@pytest.mark.parametrize("handler", [Upper, AsyncUpper, StreamUpper], ids=lambda h: h.__name__)
+def test_lines_each_within_the_line_timeout_are_never_cut(loop: str, handler: type) -> None:
+    with serving(handler, loop, line_timeout=0.3) as server, connect(server.address) as sock:
+        for i in range(4):  # 0.6 s in all, each line in 0.15 s
+            sock.sendall(b"line ")
+            time.sleep(0.15)
+            sock.sendall(b"%d\n" % i)
+            assert read_line(sock) == b"LINE %d\n" % i
 
 
 def test_pipelined_burst_is_answered_whole(loop: str) -> None:

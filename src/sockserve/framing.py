@@ -63,6 +63,11 @@ class LineFramer:
         return self._start == len(self._buffer)
 
     @property
+    def unfinished(self) -> int:
+        """Bytes of the unfinished line (what a peer sent after its last newline)."""
+        return len(self._buffer) - max(self._tail, self._start)
+
+    @property
     def partial(self) -> bytes:
         """The unfinished line so far (what a peer sent after its last newline)."""
         return bytes(self._buffer[max(self._tail, self._start) :])

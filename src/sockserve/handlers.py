@@ -41,6 +41,8 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_drain_waiter",
         "_idle_since",
+        "_line_since",
+        "_line_start",
         "_max_line",
         "_opened",
         "_seen_in",
@@ -71,6 +73,8 @@ class _Connection(asyncio.Protocol):
     _idle_since: float | None  # when the idle sweep last saw bytes move
     _seen_in: int
     _seen_out: int
+    _line_start: int  # where in the stream the unfinished line the sweep saw begins
+    _line_since: float  # when the sweep first saw it
 
     def _attach(self, server: Server, client_address: Any, listener: str) -> None:
         """Set every field before the transport exists (slots have no defaults)."""
@@ -85,6 +89,8 @@ class _Connection(asyncio.Protocol):
         self._drain_waiter = None
         self._opened = 0.0
         self._idle_since = None
+        self._line_start = -1
+        self._line_since = 0.0
 
     # socketserver-style hooks
     def setup(self) -> Any:
@@ -109,6 +115,10 @@ class _Connection(asyncio.Protocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """Transport details: ``peercert``, ``ssl_object``, ``sockname``, ``socket``..."""
         return self._transport.get_extra_info(name, default)
+
+    def _unfinished_line(self) -> int:
+        """Bytes of a line begun and not finished that the handler is waiting on."""
+        return 0
 
     def _set_reason(self, reason: str) -> None:
         if self._close_reason is None:
@@ -311,6 +321,10 @@ class LineHandler(_Connection):
             else:
                 self._transport.pause_reading()
 
+    def _unfinished_line(self) -> int:
+        framer = self._framer
+        return 0 if framer is None or self._reading_paused else framer.unfinished
+
     def eof_received(self) -> bool:
         self._eof = True
         framer = self._framer
@@ -405,6 +419,10 @@ class StreamHandler(_Connection):
 
     async def handle(self) -> None:
         """Serve the connection; return to close it."""
+
+    def _unfinished_line(self) -> int:
+        waiting = self._waiter is not None and self._want == _LINE and not self._reading_paused
+        return len(self._buffer) if waiting else 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -326,6 +326,7 @@ class Server:
         self._refuse_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
         self._idle_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
         self._long_line_log = _RateLimitedLog(interval=1.0)
+        self._slow_line_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
 
     # -- public API --------------------------------------------------------------------
 
@@ -633,18 +634,35 @@ class Server:
     # -- housekeeping --------------------------------------------------------------------
 
     def _schedule_sweep(self) -> None:
-        timeout = self.settings.idle_timeout
-        interval = min(1.0, max(0.05, timeout / 10)) if timeout else 1.0
+        timeouts = [t for t in (self.settings.idle_timeout, self.settings.line_timeout) if t]
+        interval = min(1.0, max(0.05, min(timeouts) / 10)) if timeouts else 1.0
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Once a second or so: close idle connections, push counters to the metrics.
+        """Once a second or so: close idle connections and lines too slow to arrive, push
+        counters to the metrics.
 
         A connection is idle while no byte moves either way; that is read from its byte
-        counters instead of a time stamped on every read.
+        counters instead of a time stamped on every read. Likewise an unfinished line is
+        known by where it starts in the stream, so a new one is told from an old one.
         """
         now = self.loop.time()
         timeout = self.settings.idle_timeout
+        line_timeout = self.settings.line_timeout
+        if line_timeout:
+            for conn in list(self._connections):
+                unfinished = conn._unfinished_line()
+                start = conn.bytes_in - unfinished if unfinished else -1
+                if start != conn._line_start:
+                    conn._line_start, conn._line_since = start, now
+                elif start >= 0 and now - conn._line_since >= line_timeout and not conn._closed:
+                    self._slow_line_log(
+                        "closing %s: line unfinished after %.1f s (%d bytes)",
+                        conn.client_address,
+                        now - conn._line_since,
+                        unfinished,
+                    )
+                    conn._abort("line timeout")
         if timeout:
             for conn in list(self._connections):
                 # Only references are stored: ``now`` is one float shared by every

@@ -228,6 +228,12 @@ class Settings:
     idle_timeout: float = _setting(
         300.0, duration, "Close a connection that sent nothing for this long; 0 never."
     )
+    line_timeout: float = _setting(
+        60.0,
+        duration,
+        "Time a line may take from its first byte to its newline (line and stream handlers"
+        " reading lines): a peer dripping bytes is closed though never idle; 0 never.",
+    )
     max_line: int = _setting(
         65536,
         byte_size,

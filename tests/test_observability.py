@@ -120,6 +120,10 @@ def test_metrics_and_json_access_log_match_the_traffic(
         "sockserve_bytes_sent_total": 12 + 100 + 15,
         "sockserve_handler_errors_total": 1,
         'sockserve_rejected_connections_total{reason="denied"}': 1,
+        # Every accepted connection ends once, with its reason: these add up to the total.
+        'sockserve_closed_connections_total{reason="eof"}': 2,
+        'sockserve_closed_connections_total{reason="handler error"}': 1,
+        'sockserve_closed_connections_total{reason="denied"}': 1,
         "sockserve_datagrams_total": 3,
         "sockserve_connections_active": 0,
     }

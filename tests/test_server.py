@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import sockserve
-from serving import LOOPS, connect, read_all, read_line, serving
+from serving import LOOPS, closed_by_server, connect, read_all, read_line, serving
 from sockserve import binding
 from sockserve.handlers import LineHandler, StreamHandler
 
@@ -138,6 +138,27 @@ def test_lines_each_within_the_line_timeout_are_never_cut(loop: str, handler: ty
             time.sleep(0.15)
             sock.sendall(b"%d\n" % i)
             assert read_line(sock) == b"LINE %d\n" % i
+
+
+def test_every_connection_is_counted_closed_once_with_its_reason(loop: str) -> None:
+    settings = {"max_line": 8, "idle_timeout": 0.3, "deny": ["127.0.0.2/32"]}
+    with serving(Upper, loop, **settings) as server:
+        with connect(server.address) as sock:
+            sock.sendall(b"ok\n")
+            assert read_line(sock) == b"OK\n"
+        with connect(server.address) as sock:
+            sock.sendall(b"x" * 20)
+            assert closed_by_server(sock)
+        with connect(server.address) as sock:
+            assert closed_by_server(sock)  # after the idle timeout
+        with socket.socket() as sock:
+            sock.settimeout(5)
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(server.address)
+            assert closed_by_server(sock)
+    stats = server.server.stats
+    assert stats.closed_by_reason == {"eof": 1, "line too long": 1, "idle timeout": 1, "denied": 1}
+    assert stats.connections_total == 4
 
 
 def test_pipelined_burst_is_answered_whole(loop: str) -> None:

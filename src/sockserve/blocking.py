@@ -199,7 +199,7 @@ class BlockingPool:
         server = self.server
         bytes_in = counted.bytes_in if counted else 0
         bytes_out = counted.bytes_out if counted else 0
-        server.stats.connection_closed(bytes_in, bytes_out)
+        server.stats.connection_closed(bytes_in, bytes_out, reason)
         if server.settings.access_log:
             log_access(
                 address, listener.url, time.monotonic() - started, bytes_in, bytes_out, reason

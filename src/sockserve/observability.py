@@ -46,14 +46,21 @@ class Stats:
         self.datagrams_oversized = 0
         self.datagrams_dropped = 0
         self.rejected_by_reason: Counter[str] = Counter()
+        self.closed_by_reason: Counter[str] = Counter()
 
     def rejected(self, reason: str) -> None:
-        # Reasons are a small fixed set used as a label: drop the detail after a colon.
-        self.rejected_by_reason[reason.split(":", 1)[0]] += 1
+        self.rejected_by_reason[_label(reason)] += 1
 
-    def connection_closed(self, bytes_in: int, bytes_out: int) -> None:
+    def connection_closed(self, bytes_in: int, bytes_out: int, reason: str) -> None:
+        """Every accepted connection ends here once, refused ones included."""
         self.bytes_received += bytes_in
         self.bytes_sent += bytes_out
+        self.closed_by_reason[_label(reason)] += 1
+
+
+def _label(reason: str) -> str:
+    """Reasons are a small fixed set used as a label: drop the detail after a colon."""
+    return reason.split(":", 1)[0]
 
 
 class JSONFormatter(logging.Formatter):
@@ -151,6 +158,9 @@ class Metrics:
         self.rejected = counter(
             "sockserve_rejected_connections", "Connections refused, by reason.", ("reason",)
         )
+        self.closed = counter(
+            "sockserve_closed_connections", "Connections closed, by reason.", ("reason",)
+        )
         self.datagrams = counter("sockserve_datagrams", "Datagrams received.")
         self.oversized = counter(
             "sockserve_datagrams_oversized", "Datagrams dropped for exceeding max_datagram."
@@ -166,7 +176,10 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._flushed: dict[str, int] = {}
-        self._flushed_reasons: Counter[str] = Counter()
+        self._flushed_reasons: dict[str, Counter[str]] = {
+            "rejected": Counter(),
+            "closed": Counter(),
+        }
         if multiprocess_dir is not None:
             from prometheus_client import multiprocess
 
@@ -188,11 +201,16 @@ class Metrics:
             if delta:
                 metric.inc(delta)
                 self._flushed[name] = value
-        for reason, count in stats.rejected_by_reason.items():
-            delta = count - self._flushed_reasons[reason]
-            if delta:
-                self.rejected.labels(reason=reason).inc(delta)
-                self._flushed_reasons[reason] = count
+        for kind, counts, metric in (
+            ("rejected", stats.rejected_by_reason, self.rejected),
+            ("closed", stats.closed_by_reason, self.closed),
+        ):
+            flushed = self._flushed_reasons[kind]
+            for reason, count in counts.items():
+                delta = count - flushed[reason]
+                if delta:
+                    metric.labels(reason=reason).inc(delta)
+                    flushed[reason] = count
         self.active.set(active)
 
     def worker_restarted(self) -> None:

@@ -477,6 +477,7 @@ class Server:
     def _reject(self, conn: socket.socket, address: Any, listener: Listener, reason: str) -> None:
         self.stats.rejected(reason)
         self._refuse_log("refused %s on %s: %s", address, listener.url, reason)
+        self.stats.connection_closed(0, 0, reason)
         if self.settings.access_log:
             log_access(address, listener.url, 0.0, 0, 0, reason)
         with contextlib.suppress(OSError):
@@ -583,11 +584,12 @@ class Server:
             reason = "TLS handshake failed" if self._ssl is not None else "connect failed"
             self.stats.rejected("tls" if self._ssl is not None else "error")
             self._reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
-            if self.settings.access_log:
-                log_access(handler.client_address, handler.listener, 0.0, 0, 0, reason)
             with contextlib.suppress(OSError):
                 conn.close()
             if handler not in self._connections:
+                self.stats.connection_closed(0, 0, reason)
+                if self.settings.access_log:
+                    log_access(handler.client_address, handler.listener, 0.0, 0, 0, reason)
                 self._closed_one()
         except asyncio.CancelledError:  # stopping before the connection was set up
             conn.close()
@@ -602,7 +604,8 @@ class Server:
 
     def _connection_lost(self, conn: _Connection) -> None:
         self._connections.discard(conn)
-        self.stats.connection_closed(conn.bytes_in, conn.bytes_out)
+        reason = conn._close_reason or "eof"
+        self.stats.connection_closed(conn.bytes_in, conn.bytes_out, reason)
         if self.settings.access_log:
             log_access(
                 conn.client_address,
@@ -610,7 +613,7 @@ class Server:
                 time.monotonic() - conn._opened,
                 conn.bytes_in,
                 conn.bytes_out,
-                conn._close_reason or "eof",
+                reason,
             )
         self._closed_one()
 

@@ -209,6 +209,33 @@ def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(
     assert server.wait() == 0
 
 
+def test_workers_stopped_with_their_supervisor_are_not_killed_on_resume(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    """Ctrl-Z then fg stops and resumes every process: the workers' silence while the
+    supervisor was stopped too is not a blocked loop."""
+    server = start_server(
+        [
+            *("run", "app:Versioned", "--bind", "127.0.0.1:0"),
+            *("--workers", "2", "--worker-timeout", "1"),
+        ],
+        cwd=str(app_dir),
+    )
+    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    workers = worker_pids(server)
+    for pid in [server.proc.pid, *workers]:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(2)
+    os.kill(server.proc.pid, signal.SIGCONT)  # the supervisor first: the harder order
+    time.sleep(0.1)
+    for pid in workers:
+        os.kill(pid, signal.SIGCONT)
+    with pytest.raises(AssertionError, match="no line matching"):
+        server.read_until("unresponsive|died", timeout=1.5)
+    assert worker_pids(server) == workers
+    assert ask(host_port(server.urls[0])).endswith(b" hi\n")
+
+
 def test_source_change_reloads_workers_with_reload_flag(
     start_server: StartServer, app_dir: Path
 ) -> None:

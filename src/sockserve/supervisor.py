@@ -278,7 +278,12 @@ CRASH_WINDOW = 5.0  # a worker dying sooner than this after it started counts as
 MAX_BACKOFF = 30.0
 
 
-HEARTBEAT = 1.0  # a worker's loop writes a byte to the supervisor this often
+HEARTBEAT = 1.0  # a worker's loop writes a byte to the supervisor this often (at most)
+
+
+def heartbeat_interval(settings: Settings) -> float:
+    """How often workers beat and the supervisor checks: several times per timeout."""
+    return min(HEARTBEAT, settings.worker_timeout / 4)
 
 
 @dataclass(eq=False)
@@ -322,6 +327,7 @@ class Supervisor:
         self.metrics: tuple[Metrics, Listener] | None = None
         self.metrics_dir = ""
         self._mtimes: dict[str, float] = {}
+        self._last_watch = time.monotonic()
         self._next_scan = 0.0
 
     # -- setup ---------------------------------------------------------------------------
@@ -442,9 +448,7 @@ class Supervisor:
         if self.settings.reload and not self.stopping:
             deadlines.append(self._next_scan)
         if self.settings.worker_timeout:
-            deadlines.extend(
-                w.last_beat + self.settings.worker_timeout for w in self.workers.values() if w.ready
-            )
+            deadlines.append(self._last_watch + heartbeat_interval(self.settings))
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _handle_signals(self) -> None:
@@ -550,13 +554,15 @@ class Supervisor:
                 os.write(beat_w, b"1")
                 os.set_blocking(beat_w, False)
 
+                interval = heartbeat_interval(self.settings)
+
                 def beat() -> None:
                     with contextlib.suppress(BlockingIOError):
                         os.write(beat_w, b".")
-                    loop.call_later(HEARTBEAT, beat)
+                    loop.call_later(interval, beat)
 
-                if self.settings.worker_timeout:
-                    loop.call_later(HEARTBEAT, beat)
+                if interval:
+                    loop.call_later(interval, beat)
 
                 def supervisor_gone() -> None:
                     loop.remove_reader(alive_r)
@@ -687,17 +693,8 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        timeout = self.settings.worker_timeout
-        for worker in self.workers.values() if timeout else ():
-            if worker.ready and now - worker.last_beat >= timeout:
-                logger.error(
-                    "worker %d unresponsive for %.1f s (its event loop is blocked); killing it",
-                    worker.pid,
-                    now - worker.last_beat,
-                )
-                worker.last_beat = now  # one kill; _reap replaces it
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGKILL)
+        if self.settings.worker_timeout:
+            self._watch_workers(now)
         if self.stopping and now >= self.stop_deadline:
             for worker in self.workers.values():
                 logger.warning("worker %d did not stop in time; killing it", worker.pid)
@@ -713,6 +710,26 @@ class Supervisor:
             if self._sources_changed():
                 self._reload("source change")
         self._spawn_missing()
+
+    def _watch_workers(self, now: float) -> None:
+        """Kill workers whose loop has not written a heartbeat for ``worker_timeout``."""
+        timeout = self.settings.worker_timeout
+        if now - self._last_watch > timeout / 2:
+            # We were not running either (the process group stopped with Ctrl-Z, a paused
+            # VM): the workers' silence says nothing, so start counting afresh.
+            for worker in self.workers.values():
+                worker.last_beat = max(worker.last_beat, now)
+        self._last_watch = now
+        for worker in self.workers.values():
+            if worker.ready and now - worker.last_beat >= timeout:
+                logger.error(
+                    "worker %d unresponsive for %.1f s (its event loop is blocked); killing it",
+                    worker.pid,
+                    now - worker.last_beat,
+                )
+                worker.last_beat = now  # one kill; _reap replaces it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
 
     def _sources_changed(self) -> bool:
         """Development reload: did any .py file under the current directory change?"""

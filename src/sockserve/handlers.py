@@ -41,8 +41,7 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_drain_waiter",
         "_idle_since",
-        "_line_since",
-        "_line_start",
+        "_line_seen",
         "_max_line",
         "_opened",
         "_seen_in",
@@ -73,8 +72,8 @@ class _Connection(asyncio.Protocol):
     _idle_since: float | None  # when the idle sweep last saw bytes move
     _seen_in: int
     _seen_out: int
-    _line_start: int  # where in the stream the unfinished line the sweep saw begins
-    _line_since: float  # when the sweep first saw it
+    # Where in the stream the unfinished line the sweep saw begins, and when it first saw it.
+    _line_seen: tuple[int, float] | None
 
     def _attach(self, server: Server, client_address: Any, listener: str) -> None:
         """Set every field before the transport exists (slots have no defaults)."""
@@ -89,8 +88,7 @@ class _Connection(asyncio.Protocol):
         self._drain_waiter = None
         self._opened = 0.0
         self._idle_since = None
-        self._line_start = -1
-        self._line_since = 0.0
+        self._line_seen = None
 
     # socketserver-style hooks
     def setup(self) -> Any:

@@ -655,14 +655,18 @@ class Server:
         if line_timeout:
             for conn in list(self._connections):
                 unfinished = conn._unfinished_line()
-                start = conn.bytes_in - unfinished if unfinished else -1
-                if start != conn._line_start:
-                    conn._line_start, conn._line_since = start, now
-                elif start >= 0 and now - conn._line_since >= line_timeout and not conn._closed:
+                if not unfinished:
+                    conn._line_seen = None
+                    continue
+                start = conn.bytes_in - unfinished
+                seen = conn._line_seen
+                if seen is None or seen[0] != start:
+                    conn._line_seen = (start, now)
+                elif now - seen[1] >= line_timeout and not conn._closed:
                     self._slow_line_log(
                         "closing %s: line unfinished after %.1f s (%d bytes)",
                         conn.client_address,
-                        now - conn._line_since,
+                        now - seen[1],
                         unfinished,
                     )
                     conn._abort("line timeout")

@@ -477,11 +477,15 @@ class Server:
     def _reject(self, conn: socket.socket, address: Any, listener: Listener, reason: str) -> None:
         self.stats.rejected(reason)
         self._refuse_log("refused %s on %s: %s", address, listener.url, reason)
-        self.stats.connection_closed(0, 0, reason)
-        if self.settings.access_log:
-            log_access(address, listener.url, 0.0, 0, 0, reason)
         with contextlib.suppress(OSError):
             conn.close()
+        self._ended_unserved(address, listener.url, reason)
+
+    def _ended_unserved(self, address: Any, listener_url: str, reason: str) -> None:
+        """Account for a connection closed before its handler ran (counted, access-logged)."""
+        self.stats.connection_closed(0, 0, reason)
+        if self.settings.access_log:
+            log_access(address, listener_url, 0.0, 0, 0, reason)
         self._closed_one()
 
     async def _read_proxy(self, conn: socket.socket, address: Any, listener: Listener) -> None:
@@ -587,10 +591,7 @@ class Server:
             with contextlib.suppress(OSError):
                 conn.close()
             if handler not in self._connections:
-                self.stats.connection_closed(0, 0, reason)
-                if self.settings.access_log:
-                    log_access(handler.client_address, handler.listener, 0.0, 0, 0, reason)
-                self._closed_one()
+                self._ended_unserved(handler.client_address, handler.listener, reason)
         except asyncio.CancelledError:  # stopping before the connection was set up
             conn.close()
             raise
@@ -652,12 +653,8 @@ class Server:
         now = self.loop.time()
         timeout = self.settings.idle_timeout
         line_timeout = self.settings.line_timeout
-        if line_timeout:
-            for conn in list(self._connections):
-                unfinished = conn._unfinished_line()
-                if not unfinished:
-                    conn._line_seen = None
-                    continue
+        for conn in list(self._connections) if timeout or line_timeout else ():
+            if line_timeout and (unfinished := conn._unfinished_line()):
                 start = conn.bytes_in - unfinished
                 seen = conn._line_seen
                 if seen is None or seen[0] != start:
@@ -670,21 +667,24 @@ class Server:
                         unfinished,
                     )
                     conn._abort("line timeout")
-        if timeout:
-            for conn in list(self._connections):
-                # Only references are stored: ``now`` is one float shared by every
-                # connection, and the counters are the connection's own int objects.
-                if (
-                    conn.bytes_in != conn._seen_in
-                    or conn.bytes_out != conn._seen_out
-                    or conn._idle_since is None
-                ):
-                    conn._seen_in, conn._seen_out = conn.bytes_in, conn.bytes_out
-                    conn._idle_since = now
-                elif now - conn._idle_since >= timeout and not conn._closed:
-                    idle = now - conn._idle_since
-                    self._idle_log("closing %s: idle for %.1f s", conn.client_address, idle)
-                    conn._abort("idle timeout")
+                    continue
+            else:
+                conn._line_seen = None
+            if not timeout:
+                continue
+            # Only references are stored: ``now`` is one float shared by every
+            # connection, and the counters are the connection's own int objects.
+            if (
+                conn.bytes_in != conn._seen_in
+                or conn.bytes_out != conn._seen_out
+                or conn._idle_since is None
+            ):
+                conn._seen_in, conn._seen_out = conn.bytes_in, conn.bytes_out
+                conn._idle_since = now
+            elif now - conn._idle_since >= timeout and not conn._closed:
+                idle = now - conn._idle_since
+                self._idle_log("closing %s: idle for %.1f s", conn.client_address, idle)
+                conn._abort("idle timeout")
         if self.metrics is not None:
             self.metrics.flush(self.stats, self._open)
         self._schedule_sweep()

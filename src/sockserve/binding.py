@@ -7,8 +7,8 @@ listening sockets and closes whatever it opened if any step fails.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import functools
 import os
 import re
 import socket
@@ -165,11 +165,13 @@ class Listener:
             self._remove_file()
         elif self.family in (socket.AF_INET, socket.AF_INET6) and sys.platform == "linux":
             with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_NEW_SYNS.fprog)
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _drop_new_syns().fprog)
 
     def close(self) -> None:
-        """Close the socket and remove the socket file if it is still the one we made."""
-        self._remove_file()
+        """Close the socket and remove the socket file if it is still the one we made
+        (unless the socket is shared: then whoever serves it on removes it)."""
+        if not self.shared:
+            self._remove_file()
         self.sock.close()
 
     def _remove_file(self) -> None:
@@ -188,20 +190,24 @@ class _SocketFilter:
     """A classic BPF program in the layout SO_ATTACH_FILTER takes (a struct sock_fprog)."""
 
     def __init__(self, *instructions: tuple[int, int, int, int]) -> None:
+        import ctypes  # only needed when stopping: not loaded by every server at start
+
         code = b"".join(struct.pack("HBBI", *i) for i in instructions)
         self._code = ctypes.create_string_buffer(code, len(code))  # kept alive for the pointer
         self.fprog = struct.pack("HP", len(instructions), ctypes.addressof(self._code))
 
 
-# Run on each packet from the TCP header on: drop a bare SYN (a new handshake), pass the
-# rest (among it the ACKs that finish handshakes already under way).
-_DROP_NEW_SYNS = _SocketFilter(
-    (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
-    (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
-    (0x15, 0, 1, 0x02),  # jeq #SYN: next, else skip one
-    (0x06, 0, 0, 0),  # ret #0: drop
-    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: pass
-)
+@functools.cache
+def _drop_new_syns() -> _SocketFilter:
+    """Run on each packet from the TCP header on: drop a bare SYN (a new handshake), pass
+    the rest (among it the ACKs that finish handshakes already under way)."""
+    return _SocketFilter(
+        (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+        (0x54, 0, 0, 0x12),  # and #(SYN|ACK)
+        (0x15, 0, 1, 0x02),  # jeq #SYN: next, else skip one
+        (0x06, 0, 0, 0),  # ret #0: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: pass
+    )
 
 
 def _listener(sock: socket.socket, datagram: bool) -> Listener:

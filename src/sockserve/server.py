@@ -295,7 +295,6 @@ class Server:
         settings: Settings | None = None,
         *,
         listeners: Iterable[Listener] | None = None,
-        owns_listeners: bool = True,
         metrics: Metrics | None = None,
         metrics_listener: Listener | None = None,
         **kwargs: Any,
@@ -306,7 +305,6 @@ class Server:
         self.RequestHandlerClass = handler  # what socketserver handlers may look for
         self.stats = Stats()
         self.listeners: list[Listener] = list(listeners) if listeners is not None else []
-        self._owns_listeners = owns_listeners  # False in workers: the supervisor removes files
         self._stream: list[_StreamListener] = []
         self._datagram: list[_DatagramEndpoint] = []
         self._connections: set[_Connection] = set()
@@ -723,10 +721,7 @@ class Server:
 
     def _close_listeners(self) -> None:
         for listener in self.listeners:
-            if self._owns_listeners:
-                listener.close()
-            else:
-                listener.sock.close()
+            listener.close()
 
     def abort(self) -> None:
         """Cut a graceful shutdown short: close every connection now (a second SIGINT)."""

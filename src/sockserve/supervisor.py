@@ -164,7 +164,6 @@ def run_server(
     settings: Settings,
     listeners: list[Listener] | None = None,
     *,
-    owns_listeners: bool = True,
     started: Callable[[Callable[[bool], None]], None] | None = None,
     metrics: tuple[Metrics, Listener] | None = None,
 ) -> None:
@@ -175,7 +174,6 @@ def run_server(
             handler,
             settings,
             listeners=listeners,
-            owns_listeners=owns_listeners,
             metrics=metrics[0] if metrics else None,
             metrics_listener=metrics[1] if metrics else None,
         )
@@ -575,7 +573,6 @@ class Supervisor:
                 handler,
                 self.settings,
                 listeners,
-                owns_listeners=False,
                 started=started,
                 metrics=self.metrics,
             )

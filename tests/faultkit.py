@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serving import read_line
+
 LISTENING = re.compile(r"(?<!metrics )listening on ([^\s\"]+)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -222,17 +224,6 @@ def child_pids(pid: int) -> list[int]:
 
 
 # -- clients -----------------------------------------------------------------------------
-
-
-def read_line(sock: socket.socket, limit: int = 1 << 20) -> bytes:
-    """Up to and including the next newline, or what came before end of stream."""
-    data = bytearray()
-    while not data.endswith(b"\n") and len(data) < limit:
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def round_trips(

@@ -38,12 +38,12 @@ from faultkit import (
     open_fds,
     percentile,
     raise_nofile,
-    read_line,
     report,
     round_trips,
     rss_bytes,
     start_drippers,
 )
+from serving import read_line
 
 pytestmark = pytest.mark.fault
 

@@ -326,37 +326,57 @@ def measure(point: Point, spec: ServerSpec, duration: float) -> dict[str, Any]:
 
 
 def measure_idle(server: Server, argv: list[str]) -> dict[str, Any]:
-    """Hold K idle connections; RSS before, while idle, and after one line on each."""
+    """Hold K idle connections, opened in two halves; then one line on each.
+
+    KiB per connection is the RSS growth from K/2 to K connections over K/2: the marginal
+    cost of a connection. Measured from the fresh process instead, whatever the server
+    left free at start-up would be filled by the first connections and counted as less.
+    """
+    conns = int(argv[argv.index("--conns") + 1])
+    half = list(argv)
+    half[argv.index("--conns") + 1] = str(conns // 2)
     time.sleep(0.5)  # let the fresh server finish its start-up allocations
-    before = server.rss_kib()
-    gen = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert gen.stdin is not None and gen.stdout is not None
+    rss = [server.rss_kib()]
+    gens: list[subprocess.Popen[str]] = []
+    firsts = []
     try:
-        first = json.loads(gen.stdout.readline() or "{}")
-        time.sleep(1.0)  # accepts are asynchronous: let the server catch up
-        idle = server.rss_kib()
-        gen.stdin.write("go\n")
-        gen.stdin.flush()
-        result = last_json(gen.stdout.read())
+        for _ in range(2):
+            gen = subprocess.Popen(half, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            gens.append(gen)
+            assert gen.stdout is not None
+            firsts.append(json.loads(gen.stdout.readline() or "{}"))
+            time.sleep(1.0)  # accepts are asynchronous: let the server catch up
+            rss.append(server.rss_kib())
+        for gen in gens:
+            assert gen.stdin is not None
+            gen.stdin.write("go\n")
+            gen.stdin.flush()
+        results = [last_json(gen.stdout.read()) for gen in gens if gen.stdout is not None]
         after = server.rss_kib()
     finally:
-        if gen.poll() is None:
-            gen.kill()
-        gen.wait(10)
-        gen.stdin.close()
-        gen.stdout.close()
-    connected = max(first.get("connected", 0), 1)
+        for gen in gens:
+            if gen.poll() is None:
+                gen.kill()
+            gen.wait(10)
+            for stream in (gen.stdin, gen.stdout):
+                if stream is not None:
+                    stream.close()
+    result = dict(results[0])
+    for key, value in results[1].items():
+        if key.endswith(("_us", "_s")) or key == "seconds":
+            result[key] = max(result.get(key, 0), value)
+        elif isinstance(value, int) and key in result:
+            result[key] += value
+    before, mid, idle = rss
+    second = max(firsts[1].get("connected", 0), 1)
+    total = max(sum(f.get("connected", 0) for f in firsts), 1)
     result.update(
         rss_before_kib=before,
+        rss_half_kib=mid,
         rss_idle_kib=idle,
         rss_after_kib=after,
-        kib_per_conn=(idle - before) / connected,
-        kib_per_conn_after=(after - before) / connected,
+        kib_per_conn=(idle - mid) / second,
+        kib_per_conn_after=(idle - mid) / second + (after - idle) / total,
     )
     return result
 
@@ -841,8 +861,10 @@ def report(data: dict[str, Any]) -> str:
             lines += ["", *burst_table(data, point)]
         else:
             lines.append(
-                f"{info['conns']:,} idle connections; server RSS (VmRSS) before, once all are"
-                " connected, and after one line on each (all must be answered)."
+                f"{info['conns']:,} idle connections, opened in two halves; KiB per connection"
+                " is the growth of the server's RSS (VmRSS) over the second half (the marginal"
+                " cost, not counting start-up memory), then after one line on each (all must"
+                " be answered)."
             )
             lines += ["", *idle_table(data, point)]
     return "\n".join(lines) + "\n"

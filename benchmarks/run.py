@@ -604,11 +604,15 @@ def idle_table(data: dict[str, Any], point: str) -> list[str]:
         "| RSS before KiB | connected | served | errors | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    conns = data["points"][point]["conns"]
     for name, results in runs.items():
-        kib = median(results, "kib_per_conn")
+        # A server that could not hold them all (the blocking pool) has no such figure.
+        held = median(results, "connected") == conns
+        kib = median(results, "kib_per_conn") if held else None
+        after = median(results, "kib_per_conn_after") if held else None
         rows.append(
             f"| {name} | {fmt(kib, 2)} | {fmt_ratio(ratio(kib, base))} "
-            f"| {fmt(median(results, 'kib_per_conn_after'), 2)} "
+            f"| {fmt(after, 2)} "
             f"| {fmt(median(results, 'rss_before_kib'))} | {fmt(median(results, 'connected'))} "
             f"| {fmt(median(results, 'served'))} "
             f"| {errors_of(results)} | {flags(results, data['notes'][point].get(name))} |"

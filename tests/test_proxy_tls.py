@@ -226,7 +226,9 @@ def test_tls_round_trip_for_every_handler_kind(
 def test_plaintext_on_a_tls_port_is_closed_quietly(
     loop: str, certs: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with serving(Who, loop, tls_cert=certs["cert"], tls_key=certs["key"]) as server:
+    caplog.set_level(logging.INFO, "sockserve.access")
+    settings = {"tls_cert": certs["cert"], "tls_key": certs["key"], "access_log": True}
+    with serving(Who, loop, **settings) as server:
         with raw(server.address, b"hello in clear text\n") as sock:
             try:
                 data = read_all(sock)
@@ -236,7 +238,13 @@ def test_plaintext_on_a_tls_port_is_closed_quietly(
         with raw(server.address):  # the server carries on
             pass
     assert "Traceback" not in caplog.text
-    assert sum("TLS handshake failed" in r.getMessage() for r in caplog.records) <= 1
+    server_lines = [r for r in caplog.records if r.name == "sockserve.server"]
+    assert sum("TLS handshake failed" in r.getMessage() for r in server_lines) <= 1
+    # Each failed handshake is still one connection: counted and in the access log.
+    failed = server.server.stats.closed_by_reason["TLS handshake failed"]
+    assert failed >= 1
+    access = [r for r in caplog.records if r.name == "sockserve.access"]
+    assert sum(r.getMessage().endswith("TLS handshake failed") for r in access) == failed
 
 
 def test_silent_peers_do_not_hold_up_tls_handshakes(

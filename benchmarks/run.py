@@ -419,6 +419,15 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 runs[point.name][spec.name].append(result)
                 loads.append(os.getloadavg()[0])
                 print(f"{label}: {summary_line(result)}", file=sys.stderr)
+    imports = json.loads(
+        subprocess.run(
+            [sys.executable, str(BENCH / "import_time.py"), "--runs", "20", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout
+    )
     info = machine()
     info["load"] = (
         f"1-min load average {loads[0]:.1f} at the start, up to {max(loads):.1f} during the run"
@@ -432,6 +441,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "servers": {s.name: s.description for s in SERVERS},
         "runs": runs,
         "notes": notes,
+        "import_time": imports,
     }
 
 
@@ -871,6 +881,22 @@ def report(data: dict[str, Any]) -> str:
                 " be answered)."
             )
             lines += ["", *idle_table(data, point)]
+    if "import_time" in data:
+        figures = data["import_time"]
+        lines += ["", "## import-time", ""]
+        lines.append(
+            "`import sockserve.socketserver` against the stdlib's `import socketserver`, each in"
+            f" a fresh interpreter (median of {figures['runs']}, byte code cached); target: a"
+            " ratio of at most 1.5 (`benchmarks/import_time.py`)."
+        )
+        lines += [
+            "",
+            "| import | ms (median) | ratio |",
+            "|---|---|---|",
+            f"| `socketserver` (stdlib) | {figures['stdlib_ms']:.1f} | 1.00 |",
+            f"| `sockserve.socketserver` | {figures['sockserve_ms']:.1f}"
+            f" | {figures['ratio']:.2f} |",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -2,16 +2,25 @@
 
 ``serve(Handler, bind=[...])`` runs a handler as ``sockserve run`` does; ``Server`` is the
 same server inside your own event loop; ``sockserve.socketserver`` is the drop-in module.
+
+The names below load on first use (PEP 562), so ``import sockserve.socketserver`` costs
+no more than the stdlib's ``socketserver``: no asyncio, no ssl, no typing.
 """
 
 from __future__ import annotations
 
-from sockserve.framing import LineTooLong
-from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
+import importlib
+
+# Eager: the submodule ``sockserve.patch`` would otherwise shadow the function once imported.
 from sockserve.patch import patch, unpatch
-from sockserve.server import HandlerKindError, Server
-from sockserve.settings import Settings, SettingsError
-from sockserve.supervisor import serve
+
+TYPE_CHECKING = False  # typing costs more to import than the drop-in module
+if TYPE_CHECKING:
+    from sockserve.framing import LineTooLong
+    from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
+    from sockserve.server import HandlerKindError, Server
+    from sockserve.settings import Settings, SettingsError
+    from sockserve.supervisor import serve
 
 __version__ = "0.1.0"
 
@@ -29,3 +38,29 @@ __all__ = [
     "serve",
     "unpatch",
 ]
+
+_LAZY = {
+    "DatagramHandler": "sockserve.handlers",
+    "HandlerKindError": "sockserve.server",
+    "LineHandler": "sockserve.handlers",
+    "LineTooLong": "sockserve.framing",
+    "Server": "sockserve.server",
+    "Settings": "sockserve.settings",
+    "SettingsError": "sockserve.settings",
+    "StreamHandler": "sockserve.handlers",
+    "serve": "sockserve.supervisor",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the module defining ``name`` on first use, then keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sockserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -8,7 +8,6 @@ Modules imported before keep the stdlib's; ``patch()`` logs a warning naming the
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import types
@@ -17,7 +16,12 @@ import sockserve.socketserver as _ours
 
 __all__ = ["is_patched", "patch", "unpatch"]
 
-logger = logging.getLogger(__name__)
+
+def _warn(msg: str, *args: object) -> None:
+    import logging  # on first use: importing the drop-in costs no more than the stdlib's
+
+    logging.getLogger(__name__).warning(msg, *args)
+
 
 _MISSING = object()
 _lock = threading.Lock()
@@ -35,7 +39,7 @@ def patch() -> None:
     if isinstance(previous, types.ModuleType) and previous is not _ours:
         dependents = _dependents_of(previous)
         if dependents:
-            logger.warning(
+            _warn(
                 "socketserver patched after %s imported it; they keep the stdlib classes "
                 "(call sockserve.patch() before importing them)",
                 ", ".join(dependents),
@@ -49,7 +53,7 @@ def unpatch() -> None:
             return
         previous = _previous.pop()
         if sys.modules.get("socketserver") is not _ours:
-            logger.warning("sys.modules['socketserver'] was replaced since patch(); left as is")
+            _warn("sys.modules['socketserver'] was replaced since patch(); left as is")
         elif previous is _MISSING:
             del sys.modules["socketserver"]
         else:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import io
-import logging
 import os
 import selectors
 import socket
@@ -30,7 +29,11 @@ import sys
 import threading
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing itself costs more to import than this module
+if TYPE_CHECKING:
+    import logging
+    from typing import Any
 
 __version__ = "0.4"
 
@@ -59,7 +62,13 @@ if hasattr(socket, "AF_UNIX"):
     if hasattr(os, "fork") and sys.version_info >= (3, 12):
         __all__.extend(["ForkingUnixStreamServer", "ForkingUnixDatagramServer"])  # noqa: RUF022
 
-logger = logging.getLogger(__name__)
+
+def _logger() -> logging.Logger:
+    """Our logger; logging is imported on first use, as the stdlib module never needs it."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 _ServerSelector: type[selectors.BaseSelector]
 if hasattr(selectors, "PollSelector"):
@@ -274,7 +283,7 @@ class BaseServer:
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Log the current exception with its traceback and go on.  May be overridden."""
         # Called from inside the except block that caught the handler's exception.
-        logger.exception(  # noqa: LOG004
+        _logger().exception(
             "Exception occurred during processing of request from %s", client_address
         )
 
@@ -360,7 +369,7 @@ class BaseServer:
         self.__resume_accept_at = now + _ACCEPT_BACKOFF
         self.__overloads_unlogged += 1
         if now - self.__last_overload_log >= _OVERLOAD_LOG_INTERVAL:
-            logger.warning(
+            _logger().warning(
                 "accept failed (%s), %d time(s) since the last report; pausing accepts for %d ms",
                 exc,
                 self.__overloads_unlogged,

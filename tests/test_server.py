@@ -282,7 +282,7 @@ def test_peer_that_never_reads_is_not_buffered_without_bound(loop: str) -> None:
                     break
         # The server stopped reading: far less than what a never-reading peer could push.
         assert sent < 32 * 1024 * 1024
-        conns = server.call(lambda: list(server.server._connections))
+        conns = server.call(lambda: list(server.server.ledger.connections))
         assert len(conns) == 1
         buffered = server.call(conns[0]._transport.get_write_buffer_size)
         assert buffered < 8 * 1024 * 1024
@@ -673,7 +673,7 @@ def test_async_line_handler_behind_a_flood_stays_bounded(loop: str) -> None:
                 sent += sock.send(chunk)
             except BlockingIOError:
                 time.sleep(0.05)
-        conns = server.call(lambda: list(server.server._connections))
+        conns = server.call(lambda: list(server.server.ledger.connections))
         buffered = server.call(lambda: conns[0]._framer.buffered)
         assert buffered < 2 * 1024 * 1024  # READ_AHEAD plus one read, not the whole flood
         assert sent < 32 * 1024 * 1024  # the kernel buffers filled: the server stopped reading

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
-    from sockserve.server import Server
+    from sockserve.lifecycle import ConnectionLedger
+    from sockserve.proxy_protocol import ProxyHeader
+    from sockserve.settings import Settings
 
 __all__ = ["BlockingPool", "is_blocking_handler"]
 
-logger = logging.getLogger("sockserve.server")
+logger = logging.getLogger("sockserve.blocking")
 
 _SOCKETSERVER_MODULES = frozenset({"socketserver", "sockserve.socketserver"})
 
@@ -100,17 +102,24 @@ class BlockingDatagramSocket:
 
 
 class BlockingPool:
-    """Runs blocking handlers on at most ``threads`` threads."""
+    """Runs blocking handlers on at most ``threads`` threads.
 
-    def __init__(self, server: Server, threads: int) -> None:
-        self.server = server
+    Handler threads report through the ledger: its logs directly (they are thread-safe),
+    everything else by ``ledger.call_from_thread``.
+    """
+
+    def __init__(
+        self, server: Any, settings: Settings, ledger: ConnectionLedger, threads: int
+    ) -> None:
+        self.server = server  # what handlers get as ``self.server``
+        self.handler_class: Any = server.handler_class
+        self.settings = settings
+        self.ledger = ledger
         self.threads = threads
         self.busy = 0  # touched only in the event loop thread
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="sockserve-handler")
-        self.loop = server.loop
         self._active: set[socket.socket] = set()
         self._lock = threading.Lock()
-        settings = server.settings
         self._count = settings.access_log or settings.metrics is not None
 
     @property
@@ -122,7 +131,7 @@ class BlockingPool:
         conn: socket.socket,
         address: Any,
         listener: Listener,
-        proxy: Any,
+        proxy: ProxyHeader | None,
         context: ssl.SSLContext | None,
     ) -> None:
         self.busy += 1
@@ -135,11 +144,11 @@ class BlockingPool:
         conn: socket.socket,
         address: Any,
         listener: Listener,
-        proxy: Any,
+        proxy: ProxyHeader | None,
         context: ssl.SSLContext | None,
     ) -> None:
-        server = self.server
-        settings = server.settings
+        ledger = self.ledger
+        settings = self.settings
         started = time.monotonic()
         reason = "eof"
         request: socket.socket = conn
@@ -153,26 +162,26 @@ class BlockingPool:
                     request = context.wrap_socket(conn, server_side=True)
                 except (OSError, ssl.SSLError) as exc:
                     reason = "TLS handshake failed"
-                    self.loop.call_soon_threadsafe(server.stats.rejected, "tls")
-                    server._reject_log("TLS handshake failed for %s: %s", address, exc)
+                    ledger.call_from_thread(ledger.rejected, "tls")
+                    ledger.reject_log("TLS handshake failed for %s: %s", address, exc)
                     return
             request.settimeout(None)
             if settings.idle_timeout:
                 set_kernel_timeouts(request, settings.idle_timeout)
-            cls: Any = server.handler_class
+            cls = self.handler_class
             handler = cls.__new__(cls)
             handler.proxy = proxy  # before __init__, which runs setup/handle/finish
             handler.listener = listener.url
-            handler.__init__(request, address, server)
+            handler.__init__(request, address, self.server)
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             reason = "idle timeout"
-            server._idle_log("closing %s: idle for %.1f s", address, settings.idle_timeout)
+            ledger.idle_log("closing %s: idle for %.1f s", address, settings.idle_timeout)
         except OSError as exc:
             reason = f"error: {exc}"
             logger.debug("connection from %s ended: %s", address, exc)
         except Exception as exc:
             reason = "handler error"
-            self.loop.call_soon_threadsafe(server._handler_error, address, exc)
+            ledger.call_from_thread(ledger.handler_failed, address, exc)
         finally:
             with self._lock:
                 self._active.discard(conn)
@@ -180,9 +189,7 @@ class BlockingPool:
                 request.shutdown(socket.SHUT_WR)  # as socketserver's shutdown_request
             request.close()
             counted = conn if isinstance(conn, CountingSocket) else None
-            self.loop.call_soon_threadsafe(
-                self._stream_done, address, listener, started, counted, reason
-            )
+            ledger.call_from_thread(self._stream_done, address, listener, started, counted, reason)
 
     def _stream_done(
         self,
@@ -192,39 +199,33 @@ class BlockingPool:
         counted: CountingSocket | None,
         reason: str,
     ) -> None:
-        from sockserve.observability import log_access
-
         was_full = self.full
         self.busy -= 1
-        server = self.server
         bytes_in = counted.bytes_in if counted else 0
         bytes_out = counted.bytes_out if counted else 0
-        server.stats.connection_closed(bytes_in, bytes_out, reason)
-        if server.settings.access_log:
-            log_access(
-                address, listener.url, time.monotonic() - started, bytes_in, bytes_out, reason
-            )
-        server._closed_one()
+        duration = time.monotonic() - started
+        self.ledger.closed(address, listener.url, duration, bytes_in, bytes_out, reason)
         if was_full:
-            server._update_accepting()
+            self.ledger.capacity_changed()
 
     def submit_datagram(self, data: bytes, address: Any, sock: socket.socket) -> None:
         self.busy += 1
         self.executor.submit(self._run_datagram, data, address, sock)
 
     def _run_datagram(self, data: bytes, address: Any, sock: socket.socket) -> None:
+        ledger = self.ledger
         try:
-            self.server.handler_class((data, BlockingDatagramSocket(sock)), address, self.server)
+            self.handler_class((data, BlockingDatagramSocket(sock)), address, self.server)
         except Exception as exc:
-            self.loop.call_soon_threadsafe(self.server._handler_error, address, exc)
+            ledger.call_from_thread(ledger.handler_failed, address, exc)
         finally:
-            self.loop.call_soon_threadsafe(self._datagram_done)
+            ledger.call_from_thread(self._datagram_done)
 
     def _datagram_done(self) -> None:
         was_full = self.full
         self.busy -= 1
         if was_full:
-            self.server._update_accepting()
+            self.ledger.capacity_changed()
 
     def release_all(self) -> None:
         """Unblock handlers stuck reading: their sockets see end of stream (shutdown time)."""

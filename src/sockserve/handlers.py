@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
+import time
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sockserve.framing import LineFramer, LineTooLong
 
 if TYPE_CHECKING:
+    from sockserve.lifecycle import ConnectionLedger
     from sockserve.proxy_protocol import ProxyHeader
     from sockserve.server import Server
 
 __all__ = ["DatagramHandler", "LineHandler", "LineTooLong", "StreamHandler"]
-
-logger = logging.getLogger("sockserve.server")
 
 # A reader that is this far behind the peer stops reading from the socket until it
 # catches up (on top of the line limit, so one full line always fits).
@@ -41,6 +40,7 @@ class _Connection(asyncio.Protocol):
         "_closed",
         "_drain_waiter",
         "_idle_since",
+        "_ledger",
         "_line_seen",
         "_max_line",
         "_opened",
@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
     client_address: Any
     listener: str
     proxy: ProxyHeader | None
+    _ledger: ConnectionLedger
     bytes_in: int
     bytes_out: int
     _transport: asyncio.Transport
@@ -75,9 +76,12 @@ class _Connection(asyncio.Protocol):
     # Where in the stream the unfinished line the sweep saw begins, and when it first saw it.
     _line_seen: tuple[int, float] | None
 
-    def _attach(self, server: Server, client_address: Any, listener: str) -> None:
+    def _attach(
+        self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
+    ) -> None:
         """Set every field before the transport exists (slots have no defaults)."""
         self.server = server
+        self._ledger = ledger
         self.client_address = client_address
         self.listener = listener
         self.proxy = None
@@ -127,12 +131,12 @@ class _Connection(asyncio.Protocol):
         self._transport.abort()
 
     def _handler_error(self, exc: BaseException) -> None:
-        self.server._handler_error(self.client_address, exc)
+        self._ledger.handler_failed(self.client_address, exc)
         self._set_reason("handler error")
         self._transport.close()
 
     def _line_too_long(self) -> None:
-        self.server._long_line_log(
+        self._ledger.long_line_log(
             "closing %s: line longer than %d bytes", self.client_address, self._max_line
         )
         self._abort("line too long")
@@ -141,7 +145,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._transport.set_write_buffer_limits(WRITE_HIGH_WATER)
-        self.server._connection_made(self)
+        self._opened = self._ledger.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -151,7 +155,16 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
         self._set_reason("eof" if exc is None else f"error: {exc}")
         self._wake_drain()
-        self.server._connection_lost(self)
+        ledger = self._ledger
+        ledger.lost(self)
+        ledger.closed(
+            self.client_address,
+            self.listener,
+            time.monotonic() - self._opened if self._opened else 0.0,
+            self.bytes_in,
+            self.bytes_out,
+            self._close_reason or "eof",
+        )
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -196,8 +209,10 @@ class LineHandler(_Connection):
         super().__init_subclass__(**kwargs)
         cls._async = inspect.iscoroutinefunction(cls.handle_line)
 
-    def _attach(self, server: Server, client_address: Any, listener: str) -> None:
-        super()._attach(server, client_address, listener)
+    def _attach(
+        self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
+    ) -> None:
+        super()._attach(server, ledger, client_address, listener)
         self._fast = not self._async
         self._framer = None
         self._task = None
@@ -351,7 +366,7 @@ class LineHandler(_Connection):
         try:
             self.finish()
         except Exception as error:
-            self.server._handler_error(self.client_address, error)
+            self._ledger.handler_failed(self.client_address, error)
 
 
 _LINE, _SOME, _EXACTLY, _ALL = range(4)  # what a pending read waits for
@@ -408,8 +423,10 @@ class StreamHandler(_Connection):
             inspect.iscoroutinefunction(cls.setup) or inspect.iscoroutinefunction(cls.finish)
         )
 
-    def _attach(self, server: Server, client_address: Any, listener: str) -> None:
-        super()._attach(server, client_address, listener)
+    def _attach(
+        self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
+    ) -> None:
+        super()._attach(server, ledger, client_address, listener)
         self._eof = self._reading_paused = False
         self._waiter = self._task = None
         self._want = _LINE

@@ -14,7 +14,6 @@ import errno
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,7 +21,8 @@ from sockserve import binding
 from sockserve.binding import Listener
 from sockserve.blocking import BlockingPool, is_blocking_handler
 from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
-from sockserve.observability import Metrics, Stats, log_access
+from sockserve.lifecycle import ConnectionLedger
+from sockserve.observability import Metrics
 from sockserve.settings import Settings
 
 __all__ = ["HandlerKindError", "Server"]
@@ -43,30 +43,6 @@ DEFAULT_BIND = "127.0.0.1:9999"
 
 class HandlerKindError(TypeError):
     """The handler class cannot serve this kind of listener."""
-
-
-class _RateLimitedLog:
-    """Logs a recurring condition at most once per ``interval`` seconds, counting the rest.
-
-    Peers choose how often these happen; a flood of them must not become a flood of logs.
-    """
-
-    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
-        self.interval = interval
-        self.level = level
-        self.last = -interval
-        self.suppressed = 0
-
-    def __call__(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self.last < self.interval:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            msg += " (%d more since the last report)"
-            args = (*args, self.suppressed)
-        self.last, self.suppressed = now, 0
-        logger.log(self.level, msg, *args)
 
 
 def handler_kind(handler: type) -> str:
@@ -116,7 +92,7 @@ class _StreamListener:
                 return
             except OSError as exc:
                 if exc.errno in OVERLOAD_ERRNOS:
-                    server._overload_log(
+                    server.ledger.overload_log(
                         "accept() on %s failed: %s; backing off %.1f s",
                         self.listener.url,
                         exc.strerror,
@@ -166,7 +142,7 @@ class _DatagramEndpoint:
             self.is_async = asyncio.iscoroutinefunction(handler.handle_datagram)
         elif kind == "line":
             handler = server.handler_class()
-            handler._attach(server, None, listener.url)
+            handler._attach(server, server.ledger, None, listener.url)
             self.handler = handler
 
             def answer(data: bytes, address: Any) -> Any:
@@ -199,7 +175,8 @@ class _DatagramEndpoint:
 
     def ready(self) -> None:
         server = self.server
-        stats = server.stats
+        ledger = server.ledger
+        stats = ledger.stats
         for _ in range(DATAGRAM_BATCH):
             try:
                 size, address = self.sock.recvfrom_into(self.buffer)
@@ -212,7 +189,7 @@ class _DatagramEndpoint:
             stats.bytes_received += size
             if size > self.max_size:
                 stats.datagrams_oversized += 1
-                server._oversize_log(
+                ledger.oversize_log(
                     "dropped a datagram from %s on %s: larger than %d bytes",
                     address,
                     self.listener.url,
@@ -232,7 +209,7 @@ class _DatagramEndpoint:
             try:
                 reply = self.answer(bytes(data), address)
             except Exception as exc:
-                server._handler_error(address, exc)
+                ledger.handler_failed(address, exc)
                 continue
             if reply is not None:
                 self.send(reply, address)
@@ -245,10 +222,10 @@ class _DatagramEndpoint:
             if reply is not None:
                 self.send(reply, address)
         except Exception as exc:
-            self.server._handler_error(address, exc)
+            self.server.ledger.handler_failed(address, exc)
         finally:
             self.in_flight -= 1
-            if self.in_flight < DATAGRAM_CONCURRENCY // 2 and not self.server._stopping:
+            if self.in_flight < DATAGRAM_CONCURRENCY // 2 and not self.server.ledger.stopping:
                 self.set_reading(True)
 
     def send(self, reply: bytes, address: Any) -> None:
@@ -277,7 +254,7 @@ class _DatagramEndpoint:
             try:
                 self.handler.finish()
             except Exception as exc:
-                self.server._handler_error(None, exc)
+                self.server.ledger.handler_failed(None, exc)
 
 
 class Server:
@@ -303,14 +280,12 @@ class Server:
         self.kind = handler_kind(handler)
         self.handler_class = handler
         self.RequestHandlerClass = handler  # what socketserver handlers may look for
-        self.stats = Stats()
+        self.ledger = ConnectionLedger(self.settings, self._update_accepting)
+        self.stats = self.ledger.stats
         self.listeners: list[Listener] = list(listeners) if listeners is not None else []
         self._stream: list[_StreamListener] = []
         self._datagram: list[_DatagramEndpoint] = []
-        self._connections: set[_Connection] = set()
-        self._open = 0  # accepted and not yet closed, handshaking ones included
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopping = False
         self._closed_event: asyncio.Event | None = None
         self._pool: BlockingPool | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -318,13 +293,6 @@ class Server:
         self.metrics = metrics
         self._metrics_listener = metrics_listener
         self._metrics_server: asyncio.AbstractServer | None = None
-        self._overload_log = _RateLimitedLog()
-        self._oversize_log = _RateLimitedLog()
-        self._reject_log = _RateLimitedLog(interval=1.0)
-        self._refuse_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
-        self._idle_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
-        self._long_line_log = _RateLimitedLog(interval=1.0)
-        self._slow_line_log = _RateLimitedLog(interval=1.0, level=logging.INFO)
 
     # -- public API --------------------------------------------------------------------
 
@@ -340,11 +308,11 @@ class Server:
 
     @property
     def connections(self) -> int:
-        return self._open
+        return self.ledger.open
 
     async def start(self) -> None:
         """Bind (unless listeners were given), then start accepting and reading."""
-        self.loop = asyncio.get_running_loop()
+        self.loop = self.ledger.loop = asyncio.get_running_loop()
         self._closed_event = asyncio.Event()
         settings = self.settings
         if settings.tls_cert:
@@ -355,7 +323,7 @@ class Server:
             self.listeners = bind_all(settings)
         try:
             if self.kind == "blocking":
-                self._pool = BlockingPool(self, settings.threads)
+                self._pool = BlockingPool(self, settings, self.ledger, settings.threads)
             for listener in self.listeners:
                 if listener.datagram:
                     endpoint = _DatagramEndpoint(self, listener)
@@ -394,20 +362,21 @@ class Server:
         up to ``timeout`` seconds (default: graceful_timeout), then close the rest."""
         if timeout is None:
             timeout = self.settings.graceful_timeout
-        if not self._stopping:
-            self._stopping = True
+        ledger = self.ledger
+        if not ledger.stopping:
+            ledger.stopping = True
             self._stop_accepting()
         deadline = self.loop.time() + timeout
-        await self._wait_idle(deadline)
-        if self._open:
-            logger.info("graceful timeout: closing %d connection(s)", self._open)
-            for conn in list(self._connections):
+        await ledger.wait_idle(deadline)
+        if ledger.open:
+            logger.info("graceful timeout: closing %d connection(s)", ledger.open)
+            for conn in list(ledger.connections):
                 conn._set_reason("server shutdown")
                 _linger(conn)
             if self._pool is not None:
                 self._pool.release_all()
-            await self._wait_idle(self.loop.time() + 1.0)
-            for conn in list(self._connections):
+            await ledger.wait_idle(self.loop.time() + 1.0)
+            for conn in list(ledger.connections):
                 conn._abort("server shutdown")
         await self._finish()
 
@@ -434,9 +403,9 @@ class Server:
 
     def _update_accepting(self) -> None:
         """Accept while under the limit, not backing off, not stopping."""
-        if self._stopping:
+        if self.ledger.stopping:
             return
-        below_limit = self._open < self.settings.max_connections
+        below_limit = not self.ledger.full
         if self._pool is not None:
             below_limit = below_limit and not self._pool.full
         for listener in self._stream:
@@ -446,10 +415,7 @@ class Server:
                 endpoint.set_reading(not self._pool.full)
 
     def _accepted(self, conn: socket.socket, address: Any, listener: Listener) -> None:
-        self._open += 1
-        self.stats.connections_total += 1
-        if self._open >= self.settings.max_connections:
-            self._update_accepting()
+        self.ledger.accepted()
         settings = self.settings
         if settings.proxy_protocol != "off":
             if settings.proxy_from and not _in_networks(address, settings.proxy_from):
@@ -473,18 +439,12 @@ class Server:
         return not (settings.deny and _in_networks(address, settings.deny))
 
     def _reject(self, conn: socket.socket, address: Any, listener: Listener, reason: str) -> None:
-        self.stats.rejected(reason)
-        self._refuse_log("refused %s on %s: %s", address, listener.url, reason)
+        ledger = self.ledger
+        ledger.rejected(reason)
+        ledger.refuse_log("refused %s on %s: %s", address, listener.url, reason)
         with contextlib.suppress(OSError):
             conn.close()
-        self._ended_unserved(address, listener.url, reason)
-
-    def _ended_unserved(self, address: Any, listener_url: str, reason: str) -> None:
-        """Account for a connection closed before its handler ran (counted, access-logged)."""
-        self.stats.connection_closed(0, 0, reason)
-        if self.settings.access_log:
-            log_access(address, listener_url, 0.0, 0, 0, reason)
-        self._closed_one()
+        ledger.closed(address, listener.url, 0.0, 0, 0, reason)
 
     async def _read_proxy(self, conn: socket.socket, address: Any, listener: Listener) -> None:
         from sockserve.proxy_protocol import ProxyProtocolError
@@ -565,7 +525,7 @@ class Server:
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler = self.handler_class()
-        handler._attach(self, address, listener.url)
+        handler._attach(self, self.ledger, address, listener.url)
         handler.proxy = proxy
         task = self.loop.create_task(
             self._connect(conn, handler, handshake_timeout or self.settings.handshake_timeout)
@@ -583,55 +543,17 @@ class Server:
                 )
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             # Failed handshake, plaintext on a TLS port, a peer gone before we started.
+            ledger = self.ledger
             reason = "TLS handshake failed" if self._ssl is not None else "connect failed"
-            self.stats.rejected("tls" if self._ssl is not None else "error")
-            self._reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
+            ledger.rejected("tls" if self._ssl is not None else "error")
+            ledger.reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
             with contextlib.suppress(OSError):
                 conn.close()
-            if handler not in self._connections:
-                self._ended_unserved(handler.client_address, handler.listener, reason)
+            if handler not in ledger.connections:  # else connection_lost accounts for it
+                ledger.closed(handler.client_address, handler.listener, 0.0, 0, 0, reason)
         except asyncio.CancelledError:  # stopping before the connection was set up
             conn.close()
             raise
-
-    # -- connection lifecycle (called by handlers and the blocking pool) -----------------
-
-    def _connection_made(self, conn: _Connection) -> None:
-        if self.settings.access_log:
-            conn._opened = time.monotonic()
-        self._connections.add(conn)
-
-    def _connection_lost(self, conn: _Connection) -> None:
-        self._connections.discard(conn)
-        reason = conn._close_reason or "eof"
-        self.stats.connection_closed(conn.bytes_in, conn.bytes_out, reason)
-        if self.settings.access_log:
-            log_access(
-                conn.client_address,
-                conn.listener,
-                time.monotonic() - conn._opened,
-                conn.bytes_in,
-                conn.bytes_out,
-                reason,
-            )
-        self._closed_one()
-
-    def _closed_one(self) -> None:
-        self._open -= 1
-        if self._stopping:
-            if not self._open and self._idle_waiter and not self._idle_waiter.done():
-                self._idle_waiter.set_result(None)
-        elif self._open == self.settings.max_connections - 1:
-            self._update_accepting()  # was at the limit: accept again
-
-    _idle_waiter: asyncio.Future[None] | None = None
-    _force = False
-
-    def _handler_error(self, address: Any, exc: BaseException) -> None:
-        self.stats.handler_errors += 1
-        logger.error(
-            "handler error for %s: %s", address, exc, exc_info=(type(exc), exc, exc.__traceback__)
-        )
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -651,14 +573,14 @@ class Server:
         now = self.loop.time()
         timeout = self.settings.idle_timeout
         line_timeout = self.settings.line_timeout
-        for conn in list(self._connections) if timeout or line_timeout else ():
+        for conn in list(self.ledger.connections) if timeout or line_timeout else ():
             if line_timeout and (unfinished := conn._unfinished_line()):
                 start = conn.bytes_in - unfinished
                 seen = conn._line_seen
                 if seen is None or seen[0] != start:
                     conn._line_seen = (start, now)
                 elif now - seen[1] >= line_timeout and not conn._closed:
-                    self._slow_line_log(
+                    self.ledger.slow_line_log(
                         "closing %s: line unfinished after %.1f s (%d bytes)",
                         conn.client_address,
                         now - seen[1],
@@ -681,15 +603,15 @@ class Server:
                 conn._idle_since = now
             elif now - conn._idle_since >= timeout and not conn._closed:
                 idle = now - conn._idle_since
-                self._idle_log("closing %s: idle for %.1f s", conn.client_address, idle)
+                self.ledger.idle_log("closing %s: idle for %.1f s", conn.client_address, idle)
                 conn._abort("idle timeout")
         if self.metrics is not None:
-            self.metrics.flush(self.stats, self._open)
+            self.metrics.flush(self.stats, self.ledger.open)
         self._schedule_sweep()
 
     def _flush_metrics(self) -> None:
         assert self.metrics is not None
-        self.metrics.flush(self.stats, self._open)
+        self.metrics.flush(self.stats, self.ledger.open)
 
     async def _start_metrics(self) -> None:
         """Serve /metrics: our own listener, or the supervisor's shared one."""
@@ -725,21 +647,13 @@ class Server:
 
     def abort(self) -> None:
         """Cut a graceful shutdown short: close every connection now (a second SIGINT)."""
-        self._force = True
-        if self._idle_waiter is not None and not self._idle_waiter.done():
-            self._idle_waiter.set_result(None)
-
-    async def _wait_idle(self, deadline: float) -> None:
-        while self._open and not self._force and (left := deadline - self.loop.time()) > 0:
-            self._idle_waiter = self.loop.create_future()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._idle_waiter), left)
+        self.ledger.stop_waiting()
 
     async def _finish(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.metrics is not None:
-            self.metrics.flush(self.stats, self._open)
+            self.metrics.flush(self.stats, self.ledger.open)
         if self._metrics_server is not None:
             self._metrics_server.close()
         for task in list(self._tasks):

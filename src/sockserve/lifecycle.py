@@ -1,0 +1,159 @@
+"""The connection ledger: what every connection reports to, whatever serves it.
+
+The server accepts; handlers (async ones in the event loop, blocking ones on the pool's
+threads) serve. Between them sits one ``ConnectionLedger``: it counts open connections,
+holds the set of live async ones, keeps the stats and the rate-limited logs, and tells
+the server when capacity changed. A connection is accounted for when it closes in one
+place, ``closed``, whether a handler served it or it was refused before one ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sockserve.observability import Stats, log_access
+from sockserve.settings import Settings
+
+if TYPE_CHECKING:
+    from sockserve.handlers import _Connection
+
+__all__ = ["ConnectionLedger", "RateLimitedLog"]
+
+# Connection events (refusals, timeouts, handler errors) are the server's to report.
+logger = logging.getLogger("sockserve.server")
+
+
+class RateLimitedLog:
+    """Logs a recurring condition at most once per ``interval`` seconds, counting the rest.
+
+    Peers choose how often these happen; a flood of them must not become a flood of logs.
+    Safe to call from any thread (blocking handlers report from the pool's threads).
+    """
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        self.interval = interval
+        self.level = level
+        self.last = -interval
+        self.suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self.last < self.interval:
+                self.suppressed += 1
+                return
+            suppressed, self.last, self.suppressed = self.suppressed, now, 0
+        if suppressed:
+            msg += " (%d more since the last report)"
+            args = (*args, suppressed)
+        logger.log(self.level, msg, *args)
+
+
+class ConnectionLedger:
+    """Open connections, stats and peer-caused logs of one server.
+
+    Everything but ``call_from_thread`` and the logs runs in the event loop thread.
+    ``capacity_changed`` is the server's: called when a connection slot frees up at the
+    limit (or fills the last one), so it can pause or resume accepting.
+    """
+
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self, settings: Settings, capacity_changed: Callable[[], None]) -> None:
+        self.settings = settings
+        self.capacity_changed = capacity_changed
+        self.max_connections = settings.max_connections
+        self.access_log = settings.access_log
+        self.stats = Stats()
+        self.open = 0  # accepted and not yet closed, handshaking ones included
+        self.connections: set[_Connection] = set()  # async connections with a transport
+        self.stopping = False
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._stop_waiting = False
+        self.overload_log = RateLimitedLog()
+        self.oversize_log = RateLimitedLog()
+        self.reject_log = RateLimitedLog(interval=1.0)
+        self.refuse_log = RateLimitedLog(interval=1.0, level=logging.INFO)
+        self.idle_log = RateLimitedLog(interval=1.0, level=logging.INFO)
+        self.long_line_log = RateLimitedLog(interval=1.0)
+        self.slow_line_log = RateLimitedLog(interval=1.0, level=logging.INFO)
+
+    @property
+    def full(self) -> bool:
+        return self.open >= self.max_connections
+
+    def accepted(self) -> None:
+        """A connection was accepted: it holds a slot until ``closed``."""
+        self.open += 1
+        self.stats.connections_total += 1
+        if self.open >= self.max_connections:
+            self.capacity_changed()
+
+    def opened(self, conn: _Connection) -> float:
+        """An async connection has its transport; returns its start time (access log)."""
+        self.connections.add(conn)
+        return time.monotonic() if self.access_log else 0.0
+
+    def lost(self, conn: _Connection) -> None:
+        """An async connection's transport is gone (``closed`` follows)."""
+        self.connections.discard(conn)
+
+    def closed(
+        self,
+        peer: Any,
+        listener: str,
+        duration: float,
+        bytes_in: int,
+        bytes_out: int,
+        reason: str,
+    ) -> None:
+        """Every accepted connection ends here once, refused ones included."""
+        self.stats.connection_closed(bytes_in, bytes_out, reason)
+        if self.access_log:
+            log_access(peer, listener, duration, bytes_in, bytes_out, reason)
+        self.open -= 1
+        if self.stopping:
+            if not self.open:
+                self._wake_idle()
+        elif self.open == self.max_connections - 1:
+            self.capacity_changed()  # was at the limit: accept again
+
+    def rejected(self, reason: str) -> None:
+        self.stats.rejected(reason)
+
+    def handler_failed(self, peer: Any, exc: BaseException) -> None:
+        self.stats.handler_errors += 1
+        logger.error(
+            "handler error for %s: %s", peer, exc, exc_info=(type(exc), exc, exc.__traceback__)
+        )
+
+    def call_from_thread(self, callback: Callable[..., object], *args: Any) -> None:
+        """The way in from another thread: run ``callback(*args)`` in the event loop."""
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def wait_idle(self, deadline: float) -> None:
+        """Wait until no connection is open, ``deadline`` (loop time) passes, or
+        ``stop_waiting`` is called."""
+        loop = self.loop
+        while self.open and not self._stop_waiting and (left := deadline - loop.time()) > 0:
+            self._idle_waiter = loop.create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._idle_waiter), left)
+
+    def stop_waiting(self) -> None:
+        """Make ``wait_idle`` return now, and every later call at once."""
+        self._stop_waiting = True
+        self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        if self._idle_waiter is not None and not self._idle_waiter.done():
+            self._idle_waiter.set_result(None)

@@ -9,8 +9,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from sockserve.runner import new_event_loop
 from sockserve.server import Server
-from sockserve.supervisor import new_event_loop
 
 LOOPS = ["asyncio", "uvloop"]
 

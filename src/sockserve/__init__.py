@@ -18,9 +18,9 @@ TYPE_CHECKING = False  # typing costs more to import than the drop-in module
 if TYPE_CHECKING:
     from sockserve.framing import LineTooLong
     from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
+    from sockserve.runner import serve
     from sockserve.server import HandlerKindError, Server
     from sockserve.settings import Settings, SettingsError
-    from sockserve.supervisor import serve
 
 __version__ = "0.1.0"
 
@@ -48,7 +48,7 @@ _LAZY = {
     "Settings": "sockserve.settings",
     "SettingsError": "sockserve.settings",
     "StreamHandler": "sockserve.handlers",
-    "serve": "sockserve.supervisor",
+    "serve": "sockserve.runner",
 }
 
 

@@ -23,8 +23,8 @@ from typing import Any, cast
 
 from sockserve.binding import FdAddress, TCPAddress, UDPAddress, UnixAddress, parse_address
 from sockserve.client import error_text, positive
+from sockserve.runner import new_event_loop, raise_open_file_limit
 from sockserve.settings import SettingsError
-from sockserve.supervisor import new_event_loop, raise_open_file_limit
 
 __all__ = ["LatencyHistogram", "add_arguments", "run"]
 

@@ -15,23 +15,31 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sockserve.settings import Settings
 
 __all__ = [
+    "DEFAULT_BIND",
     "Address",
     "FdAddress",
     "Listener",
     "TCPAddress",
     "UDPAddress",
     "UnixAddress",
+    "addresses_of",
     "bind",
+    "bind_all",
     "format_sockaddr",
     "parse_address",
     "systemd_listeners",
 ]
 
 SD_LISTEN_FDS_START = 3
+DEFAULT_BIND = "127.0.0.1:9999"
 
 
 @dataclass(frozen=True)
@@ -379,3 +387,30 @@ def systemd_listeners(environ: Mapping[str, str] | None = None) -> list[FdAddres
             raise OSError(exc.errno, message) from None
         result.append(FdAddress(fd, names[i] if i < len(names) else None))
     return result
+
+
+def addresses_of(settings: Settings) -> list[Address]:
+    """What to serve: the bind settings, else systemd's sockets, else the default address."""
+    if settings.bind:
+        return [parse_address(text) for text in settings.bind]
+    return list(systemd_listeners()) or [parse_address(DEFAULT_BIND)]
+
+
+def bind_all(settings: Settings, addresses: Iterable[Address] | None = None) -> list[Listener]:
+    """Bind every address (default: ``addresses_of(settings)``); all or nothing."""
+    listeners: list[Listener] = []
+    try:
+        for address in addresses_of(settings) if addresses is None else addresses:
+            listeners.extend(
+                bind(
+                    address,
+                    backlog=settings.backlog,
+                    reuse_port=settings.reuse_port,
+                    unix_mode=settings.unix_mode,
+                )
+            )
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners

@@ -14,9 +14,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sockserve.settings import SettingsError, describe
+
+if TYPE_CHECKING:
+    from sockserve.binding import Listener
 
 __all__ = [
     "JSONFormatter",
@@ -25,6 +28,7 @@ __all__ = [
     "Stats",
     "configure_logging",
     "log_access",
+    "log_metrics_url",
 ]
 
 access_logger = logging.getLogger("sockserve.access")
@@ -226,6 +230,15 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return bytes(generate_latest(self.registry))
+
+
+def log_metrics_url(listener: Listener) -> None:
+    """The line that says where metrics are served (as ``listening on`` does for sockets)."""
+    host, port = listener.sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    logging.getLogger("sockserve.server").info(
+        "metrics listening on http://%s:%d/metrics", host, port
+    )
 
 
 class MetricsEndpoint(asyncio.Protocol):

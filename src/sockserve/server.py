@@ -22,7 +22,7 @@ from sockserve.binding import Listener
 from sockserve.blocking import BlockingPool, is_blocking_handler
 from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
 from sockserve.lifecycle import ConnectionLedger
-from sockserve.observability import Metrics
+from sockserve.observability import Metrics, log_metrics_url
 from sockserve.settings import Settings
 
 __all__ = ["HandlerKindError", "Server"]
@@ -38,7 +38,6 @@ DATAGRAM_BATCH = 64
 # Async datagram handlers running at once per listener before reading pauses.
 DATAGRAM_CONCURRENCY = 1024
 PROXY_PEEK = 16 + 4096
-DEFAULT_BIND = "127.0.0.1:9999"
 
 
 class HandlerKindError(TypeError):
@@ -320,7 +319,7 @@ class Server:
 
             self._ssl = server_context(settings)
         if not self.listeners:
-            self.listeners = bind_all(settings)
+            self.listeners = binding.bind_all(settings)
         try:
             if self.kind == "blocking":
                 self._pool = BlockingPool(self, settings, self.ledger, settings.threads)
@@ -708,38 +707,3 @@ def _in_networks(address: Any, networks: Iterable[Any]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
-
-
-def log_metrics_url(listener: Listener) -> None:
-    host, port = listener.sock.getsockname()[:2]
-    host = f"[{host}]" if ":" in host else host
-    logger.info("metrics listening on http://%s:%d/metrics", host, port)
-
-
-def addresses_of(settings: Settings) -> list[binding.Address]:
-    """What to serve: the bind settings, else systemd's sockets, else the default address."""
-    if settings.bind:
-        return [binding.parse_address(text) for text in settings.bind]
-    return list(binding.systemd_listeners()) or [binding.parse_address(DEFAULT_BIND)]
-
-
-def bind_all(
-    settings: Settings, addresses: Iterable[binding.Address] | None = None
-) -> list[Listener]:
-    """Bind every address (default: ``addresses_of(settings)``); all or nothing."""
-    listeners: list[Listener] = []
-    try:
-        for address in addresses_of(settings) if addresses is None else addresses:
-            listeners.extend(
-                binding.bind(
-                    address,
-                    backlog=settings.backlog,
-                    reuse_port=settings.reuse_port,
-                    unix_mode=settings.unix_mode,
-                )
-            )
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
-    return listeners

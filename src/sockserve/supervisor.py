@@ -1,294 +1,49 @@
-"""Running a server: the event loop, signals, privileges; worker processes for workers > 1."""
+"""The supervisor: binds the sockets, keeps worker processes serving them, handles signals.
+
+The worker's side of the fork is ``sockserve.worker``; ``--reload``'s source watcher is
+``sockserve.reloader``.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import grp
-import importlib
 import logging
 import os
-import pwd
-import resource
 import selectors
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from sockserve import binding, notify
-from sockserve.binding import Listener
-from sockserve.observability import Metrics
-from sockserve.server import (
-    HandlerKindError,
-    Server,
-    addresses_of,
-    bind_all,
-    handler_kind,
-    log_metrics_url,
-)
-from sockserve.settings import Settings, SettingsError, describe
+from sockserve.binding import Listener, addresses_of, bind_all
+from sockserve.observability import Metrics, log_metrics_url
+from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
+from sockserve.runner import HandlerRef, drop_privileges
+from sockserve.settings import Settings
+from sockserve.worker import BOOT_ERROR, Worker, heartbeat_interval
 
-__all__ = ["HandlerImportError", "load_handler", "new_event_loop", "run_server", "serve"]
+__all__ = ["Supervisor", "SupervisorError"]
 
 logger = logging.getLogger("sockserve.supervisor")
 
-
-def new_event_loop(name: str) -> asyncio.AbstractEventLoop:
-    """uvloop for ``uvloop`` (and for ``auto`` when importable), else asyncio's loop."""
-    if name in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if name == "uvloop":
-                raise SettingsError(f"{describe('loop')}: uvloop is not installed") from None
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
-
-
-def raise_open_file_limit() -> int:
-    """Lift the soft RLIMIT_NOFILE to the hard limit: a server needs a descriptor per peer."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def drop_privileges(
-    user: str | None, group: str | None, listeners: Sequence[Listener] = ()
-) -> None:
-    """Switch to ``group`` and ``user`` after binding (so privileged ports still work).
-
-    Unix socket files made while binding are handed to that user and group first, so
-    the group's clients can connect and the server can remove them at exit.
-    """
-    if user is None and group is None:
-        return
-    uid = gid = -1
-    groups: list[int] | None = None
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
-        except KeyError:
-            raise SettingsError(f"{describe('group')}: no group {group!r}") from None
-        groups = [gid]
-    if user is not None:
-        try:
-            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise SettingsError(f"{describe('user')}: no user {user!r}") from None
-        uid = entry.pw_uid
-        if group is None:
-            gid = entry.pw_gid
-            groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-    for listener in listeners:
-        if listener.unix_path:
-            os.chown(listener.unix_path, uid, gid)
-    if groups is not None:
-        os.setgroups(groups)
-    if gid != -1:
-        os.setgid(gid)
-    if uid != -1:
-        os.setuid(uid)
-    logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
-
-
-async def _serve_until_signalled(
-    server: Server, started: Callable[[Callable[[bool], None]], None] | None = None
-) -> None:
-    """Start, then stop gracefully on TERM/INT (a second INT stops at once); HUP reloads TLS.
-
-    ``started(stop)`` is called once serving, with the function that stops the server.
-    """
-    loop = asyncio.get_running_loop()
-    await server.start()
-    stopping: list[asyncio.Task[None]] = []
-
-    def stop(immediate: bool) -> None:
-        if immediate and stopping:
-            logger.info("stopping now")
-            server.abort()
-            return
-        if not stopping:
-            if started is None:
-                notify.notify("STOPPING=1")
-            logger.info(
-                "stopping: finishing open connections (up to %.1f s)",
-                server.settings.graceful_timeout,
-            )
-            stopping.append(loop.create_task(server.shutdown()))
-
-    interrupts = [0]
-
-    def on_interrupt() -> None:
-        interrupts[0] += 1
-        stop(interrupts[0] > 1)
-
-    loop.add_signal_handler(signal.SIGINT, on_interrupt)
-    loop.add_signal_handler(signal.SIGTERM, stop, False)
-
-    def reload() -> None:
-        notify.reloading()
-        server.reload_tls()
-        notify.notify("READY=1")
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    if started is not None:
-        started(stop)
-    else:
-        notify.notify("READY=1", f"MAINPID={os.getpid()}")
-    try:
-        await server.wait_closed()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-    logger.info("stopped")
-
-
-def run_server(
-    handler: type,
-    settings: Settings,
-    listeners: list[Listener] | None = None,
-    *,
-    started: Callable[[Callable[[bool], None]], None] | None = None,
-    metrics: tuple[Metrics, Listener] | None = None,
-) -> None:
-    """Serve in this process until a signal stops it."""
-    loop = new_event_loop(settings.loop)
-    try:
-        server = Server(
-            handler,
-            settings,
-            listeners=listeners,
-            metrics=metrics[0] if metrics else None,
-            metrics_listener=metrics[1] if metrics else None,
-        )
-        loop.run_until_complete(_serve_until_signalled(server, started))
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-
-
-HandlerRef = type | str  # a class, or "module:Class" imported in each worker
-
-
-class HandlerImportError(ImportError):
-    """``module:Class`` could not be imported; the message is one line for the user."""
-
-
-def load_handler(ref: HandlerRef) -> type:
-    """The handler class for a class or a ``module:Class`` path (cwd importable)."""
-    if isinstance(ref, type):
-        return ref
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise HandlerImportError(f"handler {ref!r} must look like MODULE:CLASS")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            message = f"cannot import {module_name!r}: no module named {exc.name!r}"
-            raise HandlerImportError(message) from None
-        raise
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise HandlerImportError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, type):
-        raise HandlerImportError(f"{ref!r} is not a class")
-    return obj
-
-
-def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) -> None:
-    """Serve ``handler`` as ``sockserve run`` would, until SIGTERM or SIGINT.
-
-    ``handler`` is a class or a ``"module:Class"`` path; with workers, a path is imported
-    afresh by every worker, so a SIGHUP reload picks up new code. Keywords are settings
-    (``bind=["127.0.0.1:0"], workers=4, ...``). Bad values raise SettingsError; an address
-    that cannot be bound raises OSError.
-    """
-    settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
-    raise_open_file_limit()
-    if settings.workers > 1 or settings.reload:
-        Supervisor(handler, settings).run()
-        return
-    handler_class = load_handler(handler)
-    handler_kind(handler_class)
-    listeners = bind_all(settings)
-    try:
-        drop_privileges(settings.user, settings.group, listeners)
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
-    run_server(handler_class, settings, listeners)
-
-
-def check_handler_in_child(ref: str) -> None:
-    """Import ``module:Class`` in a throwaway child, so a bad path fails at start while
-    this process (the supervisor) never imports user code and reloads stay fresh."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_end)
-        code = 0
-        try:
-            handler_kind(load_handler(ref))
-        except (HandlerImportError, HandlerKindError) as exc:
-            os.write(write_end, str(exc).encode())
-            code = 2
-        except BaseException:
-            os.write(write_end, traceback.format_exc().encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 2:
-        raise HandlerImportError(message)
-    if code != 0:
-        raise RuntimeError(f"importing {ref!r} failed:\n{message}")
-
-
-BOOT_ERROR = 3  # a worker exits with this when the handler cannot be loaded
 CRASH_WINDOW = 5.0  # a worker dying sooner than this after it started counts as a crash
 MAX_BACKOFF = 30.0
-
-
-HEARTBEAT = 1.0  # a worker's loop writes a byte to the supervisor this often (at most)
-
-
-def heartbeat_interval(settings: Settings) -> float:
-    """How often workers beat and the supervisor checks: several times per timeout."""
-    return min(HEARTBEAT, settings.worker_timeout / 4)
+STOP_MARGIN = 5.0  # after the graceful timeout, workers get this long before SIGKILL
+RELOAD_TIMEOUT = 60.0  # new workers must all serve within this, or the reload is abandoned
 
 
 @dataclass(eq=False)
-class _Worker:
+class _Child:
+    """The supervisor's record of one worker process."""
+
     pid: int
     generation: int
-    beat_fd: int  # the worker writes a byte here once it serves, then every HEARTBEAT
+    beat_fd: int  # the worker writes a byte here once it serves, then every heartbeat
     started: float
     ready: bool = False
     stopping: bool = False
@@ -307,7 +62,7 @@ class Supervisor:
         self.handler = handler
         self.settings = settings
         self.target = settings.workers
-        self.workers: dict[int, _Worker] = {}
+        self.workers: dict[int, _Child] = {}
         self.generation = 0
         self.signals: list[int] = []
         self.shared: list[Listener] = []  # inherited by every worker
@@ -324,7 +79,7 @@ class Supervisor:
         self.restarts = 0
         self.metrics: tuple[Metrics, Listener] | None = None
         self.metrics_dir = ""
-        self._mtimes: dict[str, float] = {}
+        self.sources = SourceWatcher(os.getcwd())
         self._last_watch = time.monotonic()
         self._next_scan = 0.0
 
@@ -476,7 +231,7 @@ class Supervisor:
             )
             self.stopping = True
             notify.notify("STOPPING=1")
-            self.stop_deadline = time.monotonic() + self.settings.graceful_timeout + 5.0
+            self.stop_deadline = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
             # Close our copies first: the last worker to drain its backlog closes the socket.
             for listener in self.shared:
                 listener.refuse_new()
@@ -491,10 +246,10 @@ class Supervisor:
 
     # -- workers -------------------------------------------------------------------------
 
-    def _live(self) -> list[_Worker]:
+    def _live(self) -> list[_Child]:
         return [w for w in self.workers.values() if not w.stopping]
 
-    def _current(self) -> list[_Worker]:
+    def _current(self) -> list[_Child]:
         return [w for w in self._live() if w.generation == self.generation]
 
     def _spawn_missing(self) -> None:
@@ -511,79 +266,38 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:
             os.close(beat_r)
-            self._worker_main(listeners, beat_w)
+            self._become_worker(listeners, beat_w)
         os.close(beat_w)
         if self.settings.reuse_port:
             for listener in listeners:
                 if listener not in self.shared:
                     listener.sock.close()
-        worker = _Worker(pid, self.generation, beat_r, time.monotonic())
+        worker = _Child(pid, self.generation, beat_r, time.monotonic())
         self.workers[pid] = worker
         self.selector.register(beat_r, selectors.EVENT_READ, worker)
         logger.info("started worker %d", pid)
 
-    def _worker_main(self, listeners: list[Listener], beat_w: int) -> NoReturn:
-        """The child side of fork: never returns."""
-        code = 0
-        try:
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-                signal.signal(sig, signal.SIG_IGN)  # the server's loop handles HUP once up
-            os.close(self._alive_w)
-            for listener in self.shared:
-                listener.shared = True  # the supervisor serves it on after this worker stops
-            os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-            for worker in self.workers.values():
-                if worker.beat_fd >= 0:
-                    os.close(worker.beat_fd)
-            self.selector.close()
-            try:
-                handler = load_handler(self.handler)
-                handler_kind(handler)
-            except (HandlerImportError, HandlerKindError) as exc:
-                logger.error("worker %d cannot load the handler: %s", os.getpid(), exc)
-                os._exit(BOOT_ERROR)
-            alive_r = self._alive_r
+    def _become_worker(self, listeners: list[Listener], beat_w: int) -> NoReturn:
+        """In the child: let go of the supervisor's descriptors, then serve as a worker."""
+        Worker.reset_signals()
+        os.close(self._alive_w)
+        for listener in self.shared:
+            listener.shared = True  # the supervisor serves it on after this worker stops
+        for child in self.workers.values():
+            if child.beat_fd >= 0:
+                os.close(child.beat_fd)
+        self.selector.close()
+        worker = Worker(
+            self.handler,
+            self.settings,
+            listeners,
+            beat_fd=beat_w,
+            alive_fd=self._alive_r,
+            metrics=self.metrics,
+        )
+        worker.run()
 
-            def started(stop: Callable[[bool], None]) -> None:
-                loop = asyncio.get_running_loop()
-                os.write(beat_w, b"1")
-                os.set_blocking(beat_w, False)
-
-                interval = heartbeat_interval(self.settings)
-
-                def beat() -> None:
-                    with contextlib.suppress(BlockingIOError):
-                        os.write(beat_w, b".")
-                    loop.call_later(interval, beat)
-
-                if interval:
-                    loop.call_later(interval, beat)
-
-                def supervisor_gone() -> None:
-                    loop.remove_reader(alive_r)
-                    logger.error("supervisor is gone; stopping")
-                    stop(False)
-
-                loop.add_reader(alive_r, supervisor_gone)
-
-            run_server(
-                handler,
-                self.settings,
-                listeners,
-                started=started,
-                metrics=self.metrics,
-            )
-        except BaseException:
-            logger.exception("worker %d failed", os.getpid())
-            code = 1
-        finally:
-            logging.shutdown()
-            os._exit(code)
-
-    def _beat_event(self, worker: _Worker) -> None:
+    def _beat_event(self, worker: _Child) -> None:
         """The worker is ready (its first byte) or its loop is alive (every later one)."""
         try:
             data = os.read(worker.beat_fd, 4096)
@@ -603,7 +317,7 @@ class Supervisor:
             if self.reload_generation is not None:
                 self._check_reload()
 
-    def _stop_worker(self, worker: _Worker, signum: int) -> None:
+    def _stop_worker(self, worker: _Child, signum: int) -> None:
         worker.stopping = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
@@ -627,7 +341,7 @@ class Supervisor:
                 self.metrics[0].worker_exited(pid)
             self._worker_exited(worker, code)
 
-    def _worker_exited(self, worker: _Worker, code: int) -> None:
+    def _worker_exited(self, worker: _Child, code: int) -> None:
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if worker.stopping:
             logger.info("worker %d stopped (%s)", worker.pid, cause)
@@ -667,7 +381,7 @@ class Supervisor:
         notify.reloading()
         self.generation += 1
         self.reload_generation = self.generation
-        self.reload_deadline = time.monotonic() + 60.0
+        self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
         for _ in range(self.target):
             self._spawn()
 
@@ -697,14 +411,14 @@ class Supervisor:
                 logger.warning("worker %d did not stop in time; killing it", worker.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
-            self.stop_deadline = now + 5.0
+            self.stop_deadline = now + STOP_MARGIN
         if self.reload_generation is not None and now >= self.reload_deadline:
             logger.error("reload timed out; keeping the old workers")
             self._abort_reload()
             notify.notify("READY=1")
         if self.settings.reload and not self.stopping and now >= self._next_scan:
-            self._next_scan = now + 1.0
-            if self._sources_changed():
+            self._next_scan = now + SCAN_INTERVAL
+            if self.sources.changed():
                 self._reload("source change")
         self._spawn_missing()
 
@@ -727,23 +441,6 @@ class Supervisor:
                 worker.last_beat = now  # one kill; _reap replaces it
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
-
-    def _sources_changed(self) -> bool:
-        """Development reload: did any .py file under the current directory change?"""
-        mtimes: dict[str, float] = {}
-        for root, dirs, files in os.walk(os.getcwd()):
-            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS]
-            for name in files:
-                if name.endswith(".py"):
-                    path = os.path.join(root, name)
-                    with contextlib.suppress(OSError):
-                        mtimes[path] = os.stat(path).st_mtime
-        changed = bool(self._mtimes) and mtimes != self._mtimes
-        self._mtimes = mtimes
-        return changed
-
-
-_SKIP_DIRS = frozenset({"__pycache__", "node_modules", "venv", "build", "dist"})
 
 
 class SupervisorError(SystemExit):

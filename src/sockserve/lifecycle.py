@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sockserve.admission import Admission
 from sockserve.observability import Stats, log_access
 from sockserve.settings import Settings
 
@@ -75,6 +76,9 @@ class ConnectionLedger:
         self.open = 0  # accepted and not yet closed, handshaking ones included
         self.connections: set[_Connection] = set()  # async connections with a transport
         self.stopping = False
+        admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
+        # Per-client counts: a connection admitted here is released in ``closed``.
+        self.admission = admission if admission.enabled else None
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stop_waiting = False
         self.overload_log = RateLimitedLog()
@@ -113,9 +117,13 @@ class ConnectionLedger:
         bytes_in: int,
         bytes_out: int,
         reason: str,
+        admitted: bool = True,
     ) -> None:
-        """Every accepted connection ends here once, refused ones included."""
+        """Every accepted connection ends here once, refused ones included (those refused
+        before admission with ``admitted=False``)."""
         self.stats.connection_closed(bytes_in, bytes_out, reason)
+        if admitted and self.admission is not None:
+            self.admission.release(peer)
         if self.access_log:
             log_access(peer, listener, duration, bytes_in, bytes_out, reason)
         self.open -= 1

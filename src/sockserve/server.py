@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from sockserve import binding
+from sockserve.admission import Pacer
 from sockserve.binding import Listener
 from sockserve.blocking import BlockingPool, is_blocking_handler
 from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
@@ -84,7 +85,11 @@ class _StreamListener:
 
     def accept_ready(self, limit: int = ACCEPT_BATCH, draining: bool = False) -> None:
         server = self.server
+        pacer = None if draining else server._pacer
         for _ in range(limit):
+            if pacer is not None and pacer.wait(server.loop.time()):
+                server._pace()
+                return
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -104,6 +109,8 @@ class _StreamListener:
                 # ECONNABORTED, EPROTO, EPERM (firewall): that one peer is gone; go on.
                 logger.debug("accept() on %s failed: %s", self.listener.url, exc)
                 continue
+            if pacer is not None:
+                pacer.take(server.loop.time())
             server._accepted(conn, addr, self.listener)
             if not self.reading and not draining:  # paused: limit reached or stopping
                 return
@@ -289,6 +296,9 @@ class Server:
         self._pool: BlockingPool | None = None
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        rate = self.settings.connection_rate
+        self._pacer = Pacer(rate) if rate else None
+        self._pacing = False  # waiting for the connection rate to allow the next accept
         self.metrics = metrics
         self._metrics_listener = metrics_listener
         self._metrics_server: asyncio.AbstractServer | None = None
@@ -404,11 +414,11 @@ class Server:
         """Accept while under the limit, not backing off, not stopping."""
         if self.ledger.stopping:
             return
-        below_limit = not self.ledger.full
+        accepting = not self.ledger.full and not self._pacing
         if self._pool is not None:
-            below_limit = below_limit and not self._pool.full
+            accepting = accepting and not self._pool.full
         for listener in self._stream:
-            listener.set_reading(below_limit and not listener.backing_off)
+            listener.set_reading(accepting and not listener.backing_off)
         if self._pool is not None:
             for endpoint in self._datagram:
                 endpoint.set_reading(not self._pool.full)
@@ -427,7 +437,30 @@ class Server:
         if (settings.allow or settings.deny) and not self._allowed(address):
             self._reject(conn, address, listener, "denied")
             return
+        if self.ledger.admission is not None and not self._admit(conn, address, listener):
+            return
         self._serve(conn, address, listener, None)
+
+    def _pace(self) -> None:
+        """Stop accepting until the connection rate allows the next one (backlog waits)."""
+        assert self._pacer is not None
+        if not self._pacing:
+            self._pacing = True
+            self._update_accepting()
+            self.loop.call_later(self._pacer.wait(self.loop.time()), self._end_pacing)
+
+    def _end_pacing(self) -> None:
+        self._pacing = False
+        self._update_accepting()
+
+    def _admit(self, conn: socket.socket, address: Any, listener: Listener) -> bool:
+        """Per-client limits: False (and the connection refused) past them."""
+        assert self.ledger.admission is not None
+        reason = self.ledger.admission.admit(address, self.loop.time())
+        if reason is None:
+            return True
+        self._reject(conn, address, listener, reason)
+        return False
 
     def _allowed(self, address: Any) -> bool:
         settings = self.settings
@@ -443,7 +476,7 @@ class Server:
         ledger.refuse_log("refused %s on %s: %s", address, listener.url, reason)
         with contextlib.suppress(OSError):
             conn.close()
-        ledger.closed(address, listener.url, 0.0, 0, 0, reason)
+        ledger.closed(address, listener.url, 0.0, 0, 0, reason, admitted=False)
 
     async def _read_proxy(self, conn: socket.socket, address: Any, listener: Listener) -> None:
         from sockserve.proxy_protocol import ProxyProtocolError
@@ -470,6 +503,8 @@ class Server:
             real = header.source
         if (self.settings.allow or self.settings.deny) and not self._allowed(real):
             self._reject(conn, real, listener, "denied")
+            return
+        if self.ledger.admission is not None and not self._admit(conn, real, listener):
             return
         left = self.settings.handshake_timeout - (self.loop.time() - started)
         self._serve(conn, real, listener, header, max(left, 0.001))

@@ -84,6 +84,20 @@ def duration(value: object) -> float:
     return seconds
 
 
+def rate(value: object) -> float:
+    """Events per second, >= 0: ``50``, ``0.5``; 0 turns the limit off."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        result = float(value)
+    else:
+        text = str(value).strip().removesuffix("/s")
+        if not re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", text):
+            raise ValueError(f"{value!r} is not a rate per second (examples: 50, 0.5)")
+        result = float(text)
+    if not result >= 0 or result == float("inf"):
+        raise ValueError(f"{value!r} is not a rate >= 0")
+    return result
+
+
 def boolean(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -224,6 +238,27 @@ class Settings:
         "Open connections per worker; at the limit accepting pauses and the kernel backlog"
         " holds new clients.",
     )
+    max_connections_per_ip: int = _setting(
+        0,
+        non_negative_int,
+        "Open connections one client may hold (its PROXY address if any; IPv6 by /64);"
+        " one more is refused. Per worker. 0: no limit.",
+        metavar="N",
+    )
+    connection_rate_per_ip: float = _setting(
+        0.0,
+        rate,
+        "New connections per second one client may open (burst: one second's worth);"
+        " faster ones are refused. Per worker. 0: no limit.",
+        metavar="RATE",
+    )
+    connection_rate: float = _setting(
+        0.0,
+        rate,
+        "New connections per second this worker accepts; the rest wait in the kernel"
+        " backlog, never refused. 0: no limit.",
+        metavar="RATE",
+    )
     backlog: int = _setting(4096, positive_int, "Listen backlog (capped by net.core.somaxconn).")
     idle_timeout: float = _setting(
         300.0, duration, "Close a connection that sent nothing for this long; 0 never."
@@ -247,6 +282,18 @@ class Settings:
         30.0,
         duration,
         "On SIGTERM/SIGINT, how long open connections may finish before they are closed.",
+    )
+    close_spread: float = _setting(
+        0.0,
+        duration,
+        "While draining (stop, reload), close idle connections at times spread evenly over"
+        " this many seconds instead of all at once, so clients do not all reconnect at once.",
+    )
+    max_connection_age: float = _setting(
+        0.0,
+        duration,
+        "End a connection this old (plus or minus 10%) when it is next idle, as at shutdown"
+        " (its handle_shutdown runs first), so long-lived clients rebalance; 0 never.",
     )
     handshake_timeout: float = _setting(
         10.0, duration, "Time a new connection has to send its PROXY header and finish TLS."

@@ -1,0 +1,161 @@
+"""Per-client admission and global accept pacing, sans-IO: every call takes ``now``.
+
+``Admission`` answers "may this client open one more connection?" from two limits, each
+off at 0: concurrent connections per client and new connections per second per client.
+``Pacer`` answers "may the server accept another connection now, and if not, when?" for
+the global ``--connection-rate``; those that must wait stay in the kernel backlog.
+
+A client is its IP address; IPv6 clients are grouped by /64, the block one subscriber
+usually gets. Unix-socket peers have no address and are never limited.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["MAX_RATE_CLIENTS", "Admission", "Pacer", "client_key"]
+
+# Clients whose connection rate is remembered after they have no connection open. Past
+# it the client quiet for longest is forgotten (it starts again with a full allowance).
+# About 150 bytes each: 65,536 clients cost about 10 MiB.
+MAX_RATE_CLIENTS = 65_536
+
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+# Rounding slack: a token this close to whole is whole (a timer set for the exact wait
+# must find it there).
+_EPSILON = 1e-9
+
+
+def client_key(address: Any) -> str | bytes | None:
+    """The client an address belongs to: the IPv4 text, 8 bytes of IPv6 /64, None (Unix)."""
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+        return None
+    host = address[0]
+    if ":" not in host:
+        return host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+    except OSError:
+        return host
+    if packed.startswith(_V4_MAPPED):
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return packed[:8]
+
+
+class _Bucket:
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    __slots__ = ("last", "tokens")
+
+    def __init__(self, tokens: float, last: float) -> None:
+        self.tokens = tokens
+        self.last = last
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        tokens = min(burst, self.tokens + (now - self.last) * rate)
+        self.last = now
+        if tokens < 1.0 - _EPSILON:
+            self.tokens = tokens
+            return False
+        self.tokens = max(0.0, tokens - 1.0)
+        return True
+
+
+class Admission:
+    """Counts each client's open connections and recent connection rate.
+
+    Memory: one entry per client with a connection open (so at most one per open
+    connection), plus at most ``max_rate_clients`` entries of rate history, each dropped
+    once its client's allowance has refilled.
+    """
+
+    def __init__(
+        self,
+        max_per_client: int = 0,
+        rate_per_client: float = 0.0,
+        max_rate_clients: int | None = None,
+    ) -> None:
+        self.max_per_client = max_per_client
+        self.rate = rate_per_client
+        self.burst = max(1.0, rate_per_client)
+        # A bucket left alone this long is full again, the same as no entry at all.
+        self.refill = self.burst / rate_per_client if rate_per_client else 0.0
+        self.max_rate_clients = max_rate_clients or MAX_RATE_CLIENTS
+        self.open: dict[str | bytes, int] = {}
+        self.buckets: OrderedDict[str | bytes, _Bucket] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_per_client or self.rate)
+
+    def __len__(self) -> int:
+        """Entries held, for the memory bound: open counts plus rate histories."""
+        return len(self.open) + len(self.buckets)
+
+    def admit(self, address: Any, now: float) -> str | None:
+        """Count a new connection from ``address``: None if admitted, else why not.
+
+        An admitted connection must be ``release``d once it closes; a refused one not.
+        """
+        key = client_key(address)
+        if key is None:
+            return None
+        count = self.open.get(key, 0)
+        if self.max_per_client and count >= self.max_per_client:
+            return "too many connections from client"
+        if self.rate and not self._take(key, now):
+            return "client connection rate"
+        self.open[key] = count + 1
+        return None
+
+    def release(self, address: Any) -> None:
+        """An admitted connection from ``address`` closed."""
+        key = client_key(address)
+        if key is None:
+            return
+        count = self.open.get(key, 0) - 1
+        if count > 0:
+            self.open[key] = count
+        else:
+            self.open.pop(key, None)
+
+    def _take(self, key: str | bytes, now: float) -> bool:
+        buckets = self.buckets
+        # The oldest histories come first: drop those that have refilled, then any
+        # beyond the bound.
+        while buckets:
+            oldest_key, oldest = next(iter(buckets.items()))
+            if now - oldest.last < self.refill and len(buckets) < self.max_rate_clients:
+                break
+            del buckets[oldest_key]
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = _Bucket(self.burst, now)
+        else:
+            buckets.move_to_end(key)
+        return bucket.take(now, self.rate, self.burst)
+
+
+class Pacer:
+    """Global accept pacing: at most ``rate`` accepts a second, a tenth of a second's
+    worth at once, so a crowd arriving together is spread evenly."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate / 10)
+        self.bucket = _Bucket(self.burst, float("-inf"))
+
+    def take(self, now: float) -> bool:
+        """True if one connection may be accepted now (and count it)."""
+        if self.bucket.last == float("-inf"):
+            self.bucket.last = now
+        return self.bucket.take(now, self.rate, self.burst)
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``take`` will succeed."""
+        tokens = min(self.burst, self.bucket.tokens + (now - self.bucket.last) * self.rate)
+        if tokens >= 1.0 - _EPSILON:
+            return 0.0
+        return (1.0 - tokens) / self.rate

@@ -75,11 +75,14 @@ def test_unfinished_counts_the_bytes_after_the_last_newline(parts: list[bytes], 
 
 @given(st.integers(min_value=1, max_value=300))
 def test_never_buffers_past_the_limit(limit: int) -> None:
+    """Asked after each byte, the framer refuses the line one byte past the limit."""
     framer = LineFramer(limit)
     with pytest.raises(LineTooLong):
         for _ in range(limit + 1):
-            framer.feed(b"a")
             assert framer.buffered <= limit
+            framer.feed(b"a")
+            assert framer.next_line() is None
+    assert framer.buffered == limit + 1
 
 
 def test_line_of_exactly_the_limit_is_fine() -> None:

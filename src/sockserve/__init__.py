@@ -16,7 +16,17 @@ from sockserve.patch import patch, unpatch
 
 TYPE_CHECKING = False  # typing costs more to import than the drop-in module
 if TYPE_CHECKING:
-    from sockserve.framing import LineTooLong
+    from sockserve.framing import (
+        FixedSize,
+        FrameTooLong,
+        Framing,
+        LengthPrefixed,
+        Lines,
+        LineTooLong,
+        MalformedFrame,
+        Netstring,
+        ProtocolError,
+    )
     from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
     from sockserve.runner import serve
     from sockserve.server import HandlerKindError, Server
@@ -26,9 +36,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DatagramHandler",
+    "FixedSize",
+    "FrameTooLong",
+    "Framing",
     "HandlerKindError",
+    "LengthPrefixed",
     "LineHandler",
     "LineTooLong",
+    "Lines",
+    "MalformedFrame",
+    "Netstring",
+    "ProtocolError",
     "Server",
     "Settings",
     "SettingsError",
@@ -43,7 +61,15 @@ _LAZY = {
     "DatagramHandler": "sockserve.handlers",
     "HandlerKindError": "sockserve.server",
     "LineHandler": "sockserve.handlers",
+    "FixedSize": "sockserve.framing",
+    "FrameTooLong": "sockserve.framing",
+    "Framing": "sockserve.framing",
+    "LengthPrefixed": "sockserve.framing",
+    "Lines": "sockserve.framing",
     "LineTooLong": "sockserve.framing",
+    "MalformedFrame": "sockserve.framing",
+    "Netstring": "sockserve.framing",
+    "ProtocolError": "sockserve.framing",
     "Server": "sockserve.server",
     "Settings": "sockserve.settings",
     "SettingsError": "sockserve.settings",

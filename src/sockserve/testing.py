@@ -59,11 +59,14 @@ class _CollectingServer(Server):
 
     def __init__(self, handler: type, settings: Settings, errors: list[BaseException]) -> None:
         super().__init__(handler, settings)
-        self.errors = errors
+        report = self.ledger.handler_failed
 
-    def _handler_error(self, address: Any, exc: BaseException) -> None:
-        self.errors.append(exc)
-        super()._handler_error(address, exc)
+        def handler_failed(peer: Any, exc: BaseException) -> None:
+            errors.append(exc)
+            report(peer, exc)
+
+        # Every handler error of every kind is reported to the ledger: collect it there.
+        setattr(self.ledger, "handler_failed", handler_failed)  # noqa: B010
 
 
 class RunningServer:

@@ -18,7 +18,7 @@ import pytest
 
 from sockserve import DatagramHandler, LineHandler, StreamHandler
 from sockserve import socketserver as sockserve_socketserver
-from sockserve.supervisor import new_event_loop
+from sockserve.runner import new_event_loop
 from sockserve.testing import Client, RunningServer, serve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,9 +29,9 @@ from typing import Any, Literal
 from sockserve.blocking import is_blocking_handler
 from sockserve.handlers import DatagramHandler
 from sockserve.proxy_protocol import encode_v1, encode_v2
+from sockserve.runner import new_event_loop
 from sockserve.server import Server
 from sockserve.settings import Settings
-from sockserve.supervisor import new_event_loop
 
 __all__ = [
     "Client",

@@ -18,6 +18,7 @@ import pytest
 
 from sockserve import DatagramHandler, LineHandler, StreamHandler
 from sockserve import socketserver as sockserve_socketserver
+from sockserve.framing import LengthPrefixed
 from sockserve.runner import new_event_loop
 from sockserve.testing import Client, RunningServer, serve
 
@@ -311,3 +312,27 @@ def test_plugin_works_after_pip_install_into_a_fresh_venv(tmp_path: Path) -> Non
     project = tmp_path / "project"
     project.mkdir()
     check_user_run(run_user_tests(python, project))
+
+
+class LengthUpper(StreamHandler):
+    """Frames by hand what a message handler would: a 4-byte length, then the payload."""
+
+    framing = LengthPrefixed("!I")
+
+    async def handle(self) -> None:
+        while header := await self.read(4):
+            payload = await self.readexactly(int.from_bytes(header, "big"))
+            self.write(self.framing.encode(payload.upper()))
+
+
+def test_messages_use_the_handlers_framing() -> None:
+    with serve(LengthUpper) as server:
+        with server.connect() as client:
+            assert client.framing is LengthUpper.framing
+            assert client.request(b"no newline needed") == b"NO NEWLINE NEEDED"
+            client.send(LengthUpper.framing.encode(b"one") + LengthUpper.framing.encode(b"two"))
+            assert [client.read_message(), client.read_message()] == [b"ONE", b"TWO"]
+            client.send_message(b"x" * 100_000)
+            assert client.read_message() == b"X" * 100_000
+            client.shutdown_write()
+            assert client.read_message() == b""

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from sockserve.blocking import is_blocking_handler
+from sockserve.framing import Framing, Lines
 from sockserve.handlers import DatagramHandler
 from sockserve.proxy_protocol import encode_v1, encode_v2
 from sockserve.runner import new_event_loop
@@ -180,7 +181,13 @@ class RunningServer:
             except BaseException:
                 peer.close()
                 raise
-            client = Client(peer, timeout, url=self.url)
+            framing = getattr(self.handler_class, "framing", None)
+            client = Client(
+                peer,
+                timeout,
+                url=self.url,
+                framing=framing if isinstance(framing, Framing) else None,
+            )
         self._clients.append(client)
         return client
 
@@ -254,15 +261,24 @@ class Client:
     """A blocking stream client; each read waits at most ``timeout`` seconds.
 
     Reads return ``b""`` (or what was left) at the end of the stream and raise
-    TimeoutError when the server says nothing in time.
+    TimeoutError when the server says nothing in time. ``framing`` (a
+    ``sockserve.framing.Framing``, by default the handler's) is what ``read_message``,
+    ``send_message`` and ``request`` use; without one a message is a line.
     """
 
     def __init__(
-        self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT, url: str = ""
+        self,
+        sock: socket.socket,
+        timeout: float = DEFAULT_TIMEOUT,
+        url: str = "",
+        framing: Framing | None = None,
     ) -> None:
         self.sock = sock
         self.timeout = timeout
         self.url = url or repr(sock.getpeername())
+        # A message handler's framing; lines that keep their newline are plain lines.
+        lines = isinstance(framing, Lines) and framing.keep and framing.delimiters == (b"\n",)
+        self.framing = None if lines else framing
         self._buffer = bytearray()
         self._eof = False
 
@@ -321,13 +337,37 @@ class Client:
         return self._take(len(self._buffer) if n < 0 else n)
 
     def read_message(self, *, timeout: float | None = None) -> bytes:
-        """The next message: a line (the framing of line and stream handlers)."""
-        return self.readline(timeout=timeout)
+        """The next message in ``framing`` (its payload), or the next line without one.
+
+        At the end of the stream: ``b""``, or MalformedFrame if it ended inside a message.
+        """
+        if self.framing is None:
+            return self.readline(timeout=timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        framer = self.framing.framer()
+        try:
+            while True:
+                framer.feed(self._take(len(self._buffer)))
+                if (message := framer.next_message()) is not None:
+                    return message
+                if not self._fill(deadline, "message", timeout):
+                    return framer.end() or b""
+        finally:
+            self._buffer[:0] = framer.take_buffer()  # unread bytes stay for the next read
+
+    def send_message(self, payload: bytes) -> None:
+        """Send ``payload`` framed in ``framing`` (as a line without one)."""
+        if self.framing is None:
+            self.send(payload if payload.endswith(b"\n") else payload + b"\n")
+        else:
+            self.send(self.framing.encode(payload))
 
     def request(self, line: bytes, *, timeout: float | None = None) -> bytes:
-        """Send ``line`` (a newline is added if missing) and return the reply line."""
-        self.send(line if line.endswith(b"\n") else line + b"\n")
-        return self.readline(timeout=timeout)
+        """Send one message and return the reply: with no framing (line and stream
+        handlers), ``line`` gets a newline if it lacks one and the reply is a line."""
+        self.send_message(line)
+        return self.read_message(timeout=timeout)
 
     def shutdown_write(self) -> None:
         """Half-close: the server sees the end of the stream; replies can still be read."""
@@ -500,11 +540,12 @@ class FaultProxy:
         self._stalled = False
         self._loop.call_soon_threadsafe(self._set_resumed, True)
 
-    def connect(self, *, timeout: float | None = None) -> Client:
-        """A client connected through the proxy; closed with the proxy if not before."""
+    def connect(self, *, timeout: float | None = None, framing: Framing | None = None) -> Client:
+        """A client connected through the proxy (``framing`` as for ``Client``); closed
+        with the proxy if not before."""
         timeout = self.timeout if timeout is None else timeout
         sock = socket.create_connection(self.address, timeout=timeout)
-        client = Client(sock, timeout, url=self.url)
+        client = Client(sock, timeout, url=self.url, framing=framing)
         self._clients.append(client)
         return client
 

@@ -86,7 +86,7 @@ class _Connection(asyncio.Protocol):
         self.listener = listener
         self.proxy = None
         self.bytes_in = self.bytes_out = self._seen_in = self._seen_out = 0
-        self._max_line = server.settings.max_line
+        self._max_line = ledger.settings.max_line
         self._close_reason = None
         self._closed = self._writing_paused = False
         self._drain_waiter = None
@@ -129,6 +129,60 @@ class _Connection(asyncio.Protocol):
     def _abort(self, reason: str) -> None:
         self._set_reason(reason)
         self._transport.abort()
+
+    def _check_timeouts(self, now: float, idle_timeout: float, line_timeout: float) -> str | None:
+        """Why this connection should be closed at ``now`` (loop time), logged, or None.
+
+        Called by the server's sweep every so often, never on a read. A connection is idle
+        while no byte moves either way; that is read from its byte counters instead of a
+        time stamped on every read. Likewise an unfinished line is known by where it
+        starts in the stream, so a new one is told from an old one. A timeout of 0 is off.
+        """
+        if line_timeout and (unfinished := self._unfinished_line()):
+            start = self.bytes_in - unfinished
+            seen = self._line_seen
+            if seen is None or seen[0] != start:
+                self._line_seen = (start, now)
+            elif now - seen[1] >= line_timeout and not self._closed:
+                self._ledger.slow_line_log(
+                    "closing %s: line unfinished after %.1f s (%d bytes)",
+                    self.client_address,
+                    now - seen[1],
+                    unfinished,
+                )
+                return "line timeout"
+        else:
+            self._line_seen = None
+        if not idle_timeout:
+            return None
+        # Only references are stored: ``now`` is one float shared by every connection
+        # in a sweep, and the counters are the connection's own int objects.
+        if (
+            self.bytes_in != self._seen_in
+            or self.bytes_out != self._seen_out
+            or self._idle_since is None
+        ):
+            self._seen_in, self._seen_out = self.bytes_in, self.bytes_out
+            self._idle_since = now
+        elif now - self._idle_since >= idle_timeout and not self._closed:
+            idle = now - self._idle_since
+            self._ledger.idle_log("closing %s: idle for %.1f s", self.client_address, idle)
+            return "idle timeout"
+        return None
+
+    def _linger(self, reason: str) -> None:
+        """Close gracefully: send what is queued and our end of stream, then read and drop
+        the peer's last bytes until it closes (closing with unread input sends a reset)."""
+        self._set_reason(reason)
+        transport = self._transport
+        if self._closed or transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS: its close_notify is the end of stream
+            transport.close()
+            return
+        transport.set_protocol(_Lingering(self))
+        transport.write_eof()
+        transport.resume_reading()
 
     def _handler_error(self, exc: BaseException) -> None:
         self._ledger.handler_failed(self.client_address, exc)
@@ -183,6 +237,22 @@ class _Connection(asyncio.Protocol):
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+
+class _Lingering(asyncio.Protocol):
+    """A closing connection's last protocol: discards what the peer still sends."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the peer has finished too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
 
 
 class LineHandler(_Connection):

@@ -358,7 +358,7 @@ class Server:
             )
         if settings.metrics:
             await self._start_metrics()
-        if settings.idle_timeout or self.metrics is not None:
+        if settings.idle_timeout or settings.line_timeout or self.metrics is not None:
             self._schedule_sweep()
 
     async def wait_closed(self) -> None:
@@ -380,8 +380,7 @@ class Server:
         if ledger.open:
             logger.info("graceful timeout: closing %d connection(s)", ledger.open)
             for conn in list(ledger.connections):
-                conn._set_reason("server shutdown")
-                _linger(conn)
+                conn._linger("server shutdown")
             if self._pool is not None:
                 self._pool.release_all()
             await ledger.wait_idle(self.loop.time() + 1.0)
@@ -597,48 +596,15 @@ class Server:
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        """Once a second or so: close idle connections and lines too slow to arrive, push
-        counters to the metrics.
-
-        A connection is idle while no byte moves either way; that is read from its byte
-        counters instead of a time stamped on every read. Likewise an unfinished line is
-        known by where it starts in the stream, so a new one is told from an old one.
-        """
-        now = self.loop.time()
-        timeout = self.settings.idle_timeout
-        line_timeout = self.settings.line_timeout
-        for conn in list(self.ledger.connections) if timeout or line_timeout else ():
-            if line_timeout and (unfinished := conn._unfinished_line()):
-                start = conn.bytes_in - unfinished
-                seen = conn._line_seen
-                if seen is None or seen[0] != start:
-                    conn._line_seen = (start, now)
-                elif now - seen[1] >= line_timeout and not conn._closed:
-                    self.ledger.slow_line_log(
-                        "closing %s: line unfinished after %.1f s (%d bytes)",
-                        conn.client_address,
-                        now - seen[1],
-                        unfinished,
-                    )
-                    conn._abort("line timeout")
-                    continue
-            else:
-                conn._line_seen = None
-            if not timeout:
-                continue
-            # Only references are stored: ``now`` is one float shared by every
-            # connection, and the counters are the connection's own int objects.
-            if (
-                conn.bytes_in != conn._seen_in
-                or conn.bytes_out != conn._seen_out
-                or conn._idle_since is None
-            ):
-                conn._seen_in, conn._seen_out = conn.bytes_in, conn.bytes_out
-                conn._idle_since = now
-            elif now - conn._idle_since >= timeout and not conn._closed:
-                idle = now - conn._idle_since
-                self.ledger.idle_log("closing %s: idle for %.1f s", conn.client_address, idle)
-                conn._abort("idle timeout")
+        """Every so often: close idle connections and lines too slow to arrive, push
+        counters to the metrics."""
+        settings = self.settings
+        idle_timeout, line_timeout = settings.idle_timeout, settings.line_timeout
+        if idle_timeout or line_timeout:
+            now = self.loop.time()
+            for conn in list(self.ledger.connections):
+                if (reason := conn._check_timeouts(now, idle_timeout, line_timeout)) is not None:
+                    conn._abort(reason)
         if self.metrics is not None:
             self.metrics.flush(self.stats, self.ledger.open)
         self._schedule_sweep()
@@ -698,36 +664,6 @@ class Server:
             await self._pool.close()
         if self._closed_event is not None:
             self._closed_event.set()
-
-
-class _Lingering(asyncio.Protocol):
-    """A closing connection's last protocol: discards what the peer still sends."""
-
-    def __init__(self, conn: _Connection) -> None:
-        self.conn = conn
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False  # the peer has finished too: close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn.connection_lost(exc)
-
-
-def _linger(conn: _Connection) -> None:
-    """Close gracefully: send what is queued and our end of stream, then read and drop
-    the peer's last bytes until it closes (closing with unread input would send a reset)."""
-    transport = conn._transport
-    if conn._closed or transport.is_closing():
-        return
-    if not transport.can_write_eof():  # TLS: its close_notify is the end of stream
-        transport.close()
-        return
-    transport.set_protocol(_Lingering(conn))
-    transport.write_eof()
-    transport.resume_reading()
 
 
 def _in_networks(address: Any, networks: Iterable[Any]) -> bool:

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
         ProtocolError,
     )
     from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
+    from sockserve.kinds import HandlerKindError
     from sockserve.runner import serve
-    from sockserve.server import HandlerKindError, Server
+    from sockserve.server import Server
     from sockserve.settings import Settings, SettingsError
 
 __version__ = "0.1.0"
@@ -59,7 +60,7 @@ __all__ = [
 
 _LAZY = {
     "DatagramHandler": "sockserve.handlers",
-    "HandlerKindError": "sockserve.server",
+    "HandlerKindError": "sockserve.kinds",
     "LineHandler": "sockserve.handlers",
     "FixedSize": "sockserve.framing",
     "FrameTooLong": "sockserve.framing",

@@ -56,9 +56,9 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _serve(handler: str | type, settings: Settings) -> int:
+    from sockserve.kinds import HandlerKindError, handler_kind
     from sockserve.observability import configure_logging
     from sockserve.runner import HandlerImportError, check_handler_in_child, load_handler, serve
-    from sockserve.server import HandlerKindError, handler_kind
 
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from sockserve.admission import Admission
@@ -75,6 +75,7 @@ class ConnectionLedger:
         self.stats = Stats()
         self.open = 0  # accepted and not yet closed, handshaking ones included
         self.connections: set[_Connection] = set()  # async connections with a transport
+        self.tasks: set[asyncio.Task[Any]] = set()  # cancelled if still running at the end
         self.stopping = False
         admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
         # Per-client counts: a connection admitted here is released in ``closed``.
@@ -141,6 +142,12 @@ class ConnectionLedger:
         logger.error(
             "handler error for %s: %s", peer, exc, exc_info=(type(exc), exc, exc.__traceback__)
         )
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in a task that the server cancels if it still runs at the end."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def call_from_thread(self, callback: Callable[..., object], *args: Any) -> None:
         """The way in from another thread: run ``callback(*args)`` in the event loop."""

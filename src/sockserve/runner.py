@@ -18,8 +18,9 @@ from typing import Any
 
 from sockserve import notify
 from sockserve.binding import Listener, bind_all
+from sockserve.kinds import HandlerKindError, handler_kind
 from sockserve.observability import Metrics
-from sockserve.server import HandlerKindError, Server, handler_kind
+from sockserve.server import Server
 from sockserve.settings import Settings, SettingsError, describe
 
 __all__ = [

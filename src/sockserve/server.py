@@ -14,17 +14,19 @@ import errno
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from sockserve import binding
 from sockserve.admission import Pacer
 from sockserve.binding import Listener
-from sockserve.blocking import BlockingPool, is_blocking_handler
-from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
+from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger
 from sockserve.observability import Metrics, log_metrics_url
 from sockserve.settings import Settings
+
+if TYPE_CHECKING:
+    from sockserve.proxy_protocol import ProxyHeader
 
 __all__ = ["HandlerKindError", "Server"]
 
@@ -39,29 +41,6 @@ DATAGRAM_BATCH = 64
 # Async datagram handlers running at once per listener before reading pauses.
 DATAGRAM_CONCURRENCY = 1024
 PROXY_PEEK = 16 + 4096
-
-
-class HandlerKindError(TypeError):
-    """The handler class cannot serve this kind of listener."""
-
-
-def handler_kind(handler: type) -> str:
-    """``line``, ``stream``, ``datagram`` or ``blocking``; TypeError for anything else."""
-    if not isinstance(handler, type):
-        raise HandlerKindError(f"{handler!r} is not a class")
-    if issubclass(handler, LineHandler):
-        return "line"
-    if issubclass(handler, StreamHandler):
-        return "stream"
-    if issubclass(handler, DatagramHandler):
-        return "datagram"
-    if is_blocking_handler(handler):
-        return "blocking"
-    raise HandlerKindError(
-        f"{handler.__module__}.{handler.__qualname__} is not a handler: subclass"
-        " sockserve.LineHandler, StreamHandler, DatagramHandler or a socketserver"
-        " BaseRequestHandler"
-    )
 
 
 class _StreamListener:
@@ -137,33 +116,10 @@ class _DatagramEndpoint:
         self.view = memoryview(self.buffer)
         self.reading = False
         self.in_flight = 0
-        kind = server.kind
-        self.handler: Any = None
-        self.answer: Callable[[bytes, Any], Any]
-        if kind == "datagram":
-            handler = server.handler_class()
-            handler._attach(server, listener.url)
-            self.handler = handler
-            self.answer = handler.handle_datagram
-            self.is_async = asyncio.iscoroutinefunction(handler.handle_datagram)
-        elif kind == "line":
-            handler = server.handler_class()
-            handler._attach(server, server.ledger, None, listener.url)
-            self.handler = handler
-
-            def answer(data: bytes, address: Any) -> Any:
-                handler.client_address = address
-                return handler.handle_line(data)
-
-            self.answer = answer
-            self.is_async = handler._async
-        elif kind == "blocking":
-            self.is_async = False
-            self.answer = self._to_pool
-        else:
-            raise HandlerKindError(
-                f"a {kind} handler cannot serve datagram listener {listener.url}"
-            )
+        answer = server.kind.datagram_answer(self)
+        self.answer = answer.answer
+        self.is_async = answer.is_async
+        self.handler = answer.handler
 
     def start(self) -> None:
         if self.handler is not None:
@@ -205,9 +161,7 @@ class _DatagramEndpoint:
             data = self.buffer[:size]
             if self.is_async:
                 self.in_flight += 1
-                task = server.loop.create_task(self._answer_async(bytes(data), address))
-                server._tasks.add(task)
-                task.add_done_callback(server._tasks.discard)
+                ledger.spawn(self._answer_async(bytes(data), address))
                 if self.in_flight >= DATAGRAM_CONCURRENCY:
                     self.set_reading(False)
                     return
@@ -247,13 +201,6 @@ class _DatagramEndpoint:
             return
         self.server.stats.bytes_sent += len(reply)
 
-    def _to_pool(self, data: bytes, address: Any) -> None:
-        pool = self.server._pool
-        assert pool is not None
-        pool.submit_datagram(data, address, self.sock)
-        if pool.full:
-            self.set_reading(False)
-
     def close(self) -> None:
         self.set_reading(False)
         if self.handler is not None:
@@ -283,17 +230,17 @@ class Server:
         **kwargs: Any,
     ) -> None:
         self.settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
-        self.kind = handler_kind(handler)
+        kind = kind_of(handler)
         self.handler_class = handler
         self.RequestHandlerClass = handler  # what socketserver handlers may look for
         self.ledger = ConnectionLedger(self.settings, self._update_accepting)
         self.stats = self.ledger.stats
+        self.kind = kind(self)
         self.listeners: list[Listener] = list(listeners) if listeners is not None else []
         self._stream: list[_StreamListener] = []
         self._datagram: list[_DatagramEndpoint] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = self.ledger.tasks
         self._closed_event: asyncio.Event | None = None
-        self._pool: BlockingPool | None = None
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         rate = self.settings.connection_rate
@@ -331,15 +278,13 @@ class Server:
         if not self.listeners:
             self.listeners = binding.bind_all(settings)
         try:
-            if self.kind == "blocking":
-                self._pool = BlockingPool(self, settings, self.ledger, settings.threads)
             for listener in self.listeners:
                 if listener.datagram:
                     endpoint = _DatagramEndpoint(self, listener)
                     self._datagram.append(endpoint)
-                elif self.kind == "datagram":
+                elif not self.kind.serves_streams:
                     raise HandlerKindError(
-                        f"a datagram handler cannot serve stream listener {listener.url}"
+                        f"a {self.kind.name} handler cannot serve stream listener {listener.url}"
                     )
                 else:
                     self._stream.append(_StreamListener(self, listener))
@@ -381,8 +326,7 @@ class Server:
             logger.info("graceful timeout: closing %d connection(s)", ledger.open)
             for conn in list(ledger.connections):
                 conn._linger("server shutdown")
-            if self._pool is not None:
-                self._pool.release_all()
+            self.kind.release_all()
             await ledger.wait_idle(self.loop.time() + 1.0)
             for conn in list(ledger.connections):
                 conn._abort("server shutdown")
@@ -413,14 +357,13 @@ class Server:
         """Accept while under the limit, not backing off, not stopping."""
         if self.ledger.stopping:
             return
-        accepting = not self.ledger.full and not self._pacing
-        if self._pool is not None:
-            accepting = accepting and not self._pool.full
+        kind_full = self.kind.full
+        accepting = not self.ledger.full and not self._pacing and not kind_full
         for listener in self._stream:
             listener.set_reading(accepting and not listener.backing_off)
-        if self._pool is not None:
+        if self.kind.datagrams_share_capacity:
             for endpoint in self._datagram:
-                endpoint.set_reading(not self._pool.full)
+                endpoint.set_reading(not kind_full)
 
     def _accepted(self, conn: socket.socket, address: Any, listener: Listener) -> None:
         self.ledger.accepted()
@@ -429,9 +372,7 @@ class Server:
             if settings.proxy_from and not _in_networks(address, settings.proxy_from):
                 self._reject(conn, address, listener, "untrusted proxy")
                 return
-            task = self.loop.create_task(self._read_proxy(conn, address, listener))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.ledger.spawn(self._read_proxy(conn, address, listener))
             return
         if (settings.allow or settings.deny) and not self._allowed(address):
             self._reject(conn, address, listener, "denied")
@@ -544,49 +485,17 @@ class Server:
         conn: socket.socket,
         address: Any,
         listener: Listener,
-        proxy: Any,
+        proxy: ProxyHeader | None,
         handshake_timeout: float | None = None,
     ) -> None:
-        if self._pool is not None:
-            self._pool.submit_stream(conn, address, listener, proxy, self._ssl)
-            if self._pool.full:
-                self._update_accepting()
-            return
-        if conn.family != socket.AF_UNIX:
-            # Replies go out at once (uvloop does this itself; asyncio skips sockets
-            # whose proto field is 0, as accepted ones are).
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        handler = self.handler_class()
-        handler._attach(self, self.ledger, address, listener.url)
-        handler.proxy = proxy
-        task = self.loop.create_task(
-            self._connect(conn, handler, handshake_timeout or self.settings.handshake_timeout)
+        self.kind.serve_stream(
+            conn,
+            address,
+            listener,
+            proxy,
+            self._ssl,
+            handshake_timeout or self.settings.handshake_timeout,
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connect(self, conn: socket.socket, handler: _Connection, timeout: float) -> None:
-        try:
-            if self._ssl is None:
-                await self.loop.connect_accepted_socket(lambda: handler, conn)
-            else:
-                await self.loop.connect_accepted_socket(
-                    lambda: handler, conn, ssl=self._ssl, ssl_handshake_timeout=timeout
-                )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
-            # Failed handshake, plaintext on a TLS port, a peer gone before we started.
-            ledger = self.ledger
-            reason = "TLS handshake failed" if self._ssl is not None else "connect failed"
-            ledger.rejected("tls" if self._ssl is not None else "error")
-            ledger.reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
-            with contextlib.suppress(OSError):
-                conn.close()
-            if handler not in ledger.connections:  # else connection_lost accounts for it
-                ledger.closed(handler.client_address, handler.listener, 0.0, 0, 0, reason)
-        except asyncio.CancelledError:  # stopping before the connection was set up
-            conn.close()
-            raise
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -660,8 +569,7 @@ class Server:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pool is not None:
-            await self._pool.close()
+        await self.kind.close()
         if self._closed_event is not None:
             self._closed_event.set()
 

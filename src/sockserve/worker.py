@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from sockserve.binding import Listener
+from sockserve.kinds import HandlerKindError, handler_kind
 from sockserve.observability import Metrics
 from sockserve.runner import HandlerImportError, HandlerRef, load_handler, run_server
-from sockserve.server import HandlerKindError, handler_kind
 from sockserve.settings import Settings
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT", "Worker", "heartbeat_interval"]

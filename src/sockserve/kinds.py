@@ -1,0 +1,250 @@
+"""Handler kinds: how each kind of handler serves a connection or a datagram.
+
+``Server.__init__`` picks the kind of its handler class once (``kind_of``); from then on
+it asks that object, never the class: how to serve an accepted stream connection, how to
+answer a datagram, whether it is full. A new kind of handler is one more class here,
+listed in ``KINDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sockserve.blocking import BlockingPool, is_blocking_handler
+from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
+
+if TYPE_CHECKING:
+    from sockserve.binding import Listener
+    from sockserve.proxy_protocol import ProxyHeader
+    from sockserve.server import Server, _DatagramEndpoint
+
+__all__ = ["KINDS", "HandlerKind", "HandlerKindError", "handler_kind", "kind_of"]
+
+
+class HandlerKindError(TypeError):
+    """The handler class cannot serve this kind of listener."""
+
+
+@dataclass
+class DatagramAnswer:
+    """How a kind answers the datagrams of one listener: ``answer(data, address)``
+    returns the reply (or None, or an awaitable of either when ``is_async``)."""
+
+    answer: Callable[[bytes, Any], Any]
+    is_async: bool = False
+    handler: Any = None  # its setup() runs before the first datagram, finish() at the end
+
+
+class HandlerKind:
+    """What the server asks of a kind of handler; the defaults serve no listener."""
+
+    name: ClassVar[str]
+    handler_base: ClassVar[type | None] = None
+    serves_streams: ClassVar[bool] = True
+    # Datagrams take the same threads as connections: reading pauses while full.
+    datagrams_share_capacity: ClassVar[bool] = False
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.handler_class: Any = server.handler_class
+        self.ledger = server.ledger
+        self.settings = server.settings
+
+    @classmethod
+    def accepts(cls, handler: type) -> bool:
+        return cls.handler_base is not None and issubclass(handler, cls.handler_base)
+
+    @property
+    def full(self) -> bool:
+        """No room for one more connection: stop accepting until ``capacity_changed``."""
+        return False
+
+    def serve_stream(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: ProxyHeader | None,
+        context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
+        """Serve an accepted, admitted connection until it closes (without blocking)."""
+        raise NotImplementedError
+
+    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+        raise HandlerKindError(
+            f"a {self.name} handler cannot serve datagram listener {endpoint.listener.url}"
+        )
+
+    def release_all(self) -> None:
+        """Shutdown, past the graceful timeout: unblock handlers stuck reading."""
+
+    async def close(self) -> None:
+        """Wait (bounded) for what the kind runs outside the event loop."""
+
+
+class _AsyncKind(HandlerKind):
+    """Line and stream handlers: the handler object is the connection's Protocol."""
+
+    def serve_stream(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: ProxyHeader | None,
+        context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
+        if conn.family != socket.AF_UNIX:
+            # Replies go out at once (uvloop does this itself; asyncio skips sockets
+            # whose proto field is 0, as accepted ones are).
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handler = self.handler_class()
+        handler._attach(self.server, self.ledger, address, listener.url)
+        handler.proxy = proxy
+        self.ledger.spawn(self._connect(conn, handler, context, handshake_timeout))
+
+    async def _connect(
+        self,
+        conn: socket.socket,
+        handler: _Connection,
+        context: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
+        loop = self.ledger.loop
+        try:
+            if context is None:
+                await loop.connect_accepted_socket(lambda: handler, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: handler, conn, ssl=context, ssl_handshake_timeout=timeout
+                )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            # Failed handshake, plaintext on a TLS port, a peer gone before we started.
+            ledger = self.ledger
+            reason = "TLS handshake failed" if context is not None else "connect failed"
+            ledger.rejected("tls" if context is not None else "error")
+            ledger.reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
+            with contextlib.suppress(OSError):
+                conn.close()
+            if handler not in ledger.connections:  # else connection_lost accounts for it
+                ledger.closed(handler.client_address, handler.listener, 0.0, 0, 0, reason)
+        except asyncio.CancelledError:  # stopping before the connection was set up
+            conn.close()
+            raise
+
+
+class LineKind(_AsyncKind):
+    """``LineHandler``: on a datagram listener each datagram is one line."""
+
+    name = "line"
+    handler_base = LineHandler
+
+    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+        handler = self.handler_class()
+        handler._attach(self.server, self.ledger, None, endpoint.listener.url)
+
+        def answer(data: bytes, address: Any) -> Any:
+            handler.client_address = address
+            return handler.handle_line(data)
+
+        return DatagramAnswer(answer, handler._async, handler)
+
+
+class StreamKind(_AsyncKind):
+    """``StreamHandler``: one task per connection; stream listeners only."""
+
+    name = "stream"
+    handler_base = StreamHandler
+
+
+class DatagramKind(HandlerKind):
+    """``DatagramHandler``: one instance per datagram listener; no stream listeners."""
+
+    name = "datagram"
+    handler_base = DatagramHandler
+    serves_streams = False
+
+    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+        handler = self.handler_class()
+        handler._attach(self.server, endpoint.listener.url)
+        answer = handler.handle_datagram
+        return DatagramAnswer(answer, asyncio.iscoroutinefunction(answer), handler)
+
+
+class BlockingKind(HandlerKind):
+    """socketserver handlers: each connection or datagram on a thread of a bounded pool."""
+
+    name = "blocking"
+    datagrams_share_capacity = True
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        self.pool = BlockingPool(server, self.settings, self.ledger, self.settings.threads)
+
+    @classmethod
+    def accepts(cls, handler: type) -> bool:
+        return is_blocking_handler(handler)
+
+    @property
+    def full(self) -> bool:
+        return self.pool.full
+
+    def serve_stream(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: ProxyHeader | None,
+        context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ) -> None:
+        self.pool.submit_stream(conn, address, listener, proxy, context)
+        if self.pool.full:
+            self.ledger.capacity_changed()
+
+    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+        pool, sock = self.pool, endpoint.sock
+
+        def answer(data: bytes, address: Any) -> None:
+            pool.submit_datagram(data, address, sock)
+            if pool.full:
+                endpoint.set_reading(False)
+
+        return DatagramAnswer(answer)
+
+    def release_all(self) -> None:
+        self.pool.release_all()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+# Looked up in order: the first kind that accepts the class serves it.
+KINDS: tuple[type[HandlerKind], ...] = (LineKind, StreamKind, DatagramKind, BlockingKind)
+
+
+def kind_of(handler: type) -> type[HandlerKind]:
+    """The kind that serves ``handler``; HandlerKindError for anything else."""
+    if not isinstance(handler, type):
+        raise HandlerKindError(f"{handler!r} is not a class")
+    for kind in KINDS:
+        if kind.accepts(handler):
+            return kind
+    raise HandlerKindError(
+        f"{handler.__module__}.{handler.__qualname__} is not a handler: subclass"
+        " sockserve.LineHandler, StreamHandler, DatagramHandler or a socketserver"
+        " BaseRequestHandler"
+    )
+
+
+def handler_kind(handler: type) -> str:
+    """``line``, ``stream``, ``datagram`` or ``blocking``; HandlerKindError otherwise."""
+    return kind_of(handler).name

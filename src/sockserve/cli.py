@@ -61,6 +61,10 @@ def _serve(handler: str | type, settings: Settings) -> int:
     from sockserve.runner import HandlerImportError, check_handler_in_child, load_handler, serve
 
     configure_logging(settings.log_level, settings.log_format)
+    if settings.tls_cert:
+        from sockserve.tls import server_context
+
+        server_context(settings)  # bad files fail here in one line, before any worker starts
     try:
         if isinstance(handler, str) and (settings.workers > 1 or settings.reload):
             check_handler_in_child(handler)  # workers import it; this process stays clean

@@ -23,7 +23,7 @@ from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger
 from sockserve.observability import Metrics, log_metrics_url
-from sockserve.settings import Settings
+from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from sockserve.proxy_protocol import ProxyHeader
@@ -339,7 +339,7 @@ class Server:
 
             try:
                 self._ssl = server_context(self.settings)
-            except (OSError, ssl.SSLError) as exc:
+            except SettingsError as exc:
                 logger.error("TLS reload failed, keeping the old certificate: %s", exc)
             else:
                 logger.info("TLS certificate reloaded")

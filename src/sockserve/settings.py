@@ -110,10 +110,13 @@ def boolean(value: object) -> bool:
 
 
 def optional_str(value: object) -> str | None:
+    """A string or None; an empty one is refused (``SOCKSERVE_TLS_CERT=`` must not mean off)."""
     if value is None:
         return None
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    return text or None
+    if not text.strip():
+        raise ValueError("empty: give a value, or leave the setting out")
+    return text
 
 
 def choice(*options: str) -> Callable[[object], str]:
@@ -174,6 +177,15 @@ def bind_list(value: object) -> tuple[str, ...]:
         parse_address(text)  # raises ValueError naming what is wrong
         result.append(text)
     return tuple(result)
+
+
+def _datagram(bind: str) -> bool:
+    from sockserve.binding import UDPAddress, UnixAddress, parse_address
+
+    address = parse_address(bind)
+    return isinstance(address, UDPAddress) or (
+        isinstance(address, UnixAddress) and address.datagram
+    )
 
 
 def host_port(value: object) -> str | None:
@@ -386,6 +398,11 @@ class Settings:
             raise SettingsError(f"{describe('tls_key')}: needs --tls-cert as well")
         if self.tls_client_ca and not self.tls_cert:
             raise SettingsError(f"{describe('tls_client_ca')}: needs --tls-cert as well")
+        if self.tls_cert and self.bind and all(_datagram(b) for b in self.bind):
+            raise SettingsError(
+                f"{describe('tls_cert')}: TLS needs a stream listener (tcp or unix);"
+                f" {', '.join(self.bind)} would be served in plaintext"
+            )
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (validated like the original)."""

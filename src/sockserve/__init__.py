@@ -27,7 +27,7 @@ if TYPE_CHECKING:
         Netstring,
         ProtocolError,
     )
-    from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler
+    from sockserve.handlers import DatagramHandler, LineHandler, MessageHandler, StreamHandler
     from sockserve.kinds import HandlerKindError
     from sockserve.runner import serve
     from sockserve.server import Server
@@ -46,6 +46,7 @@ __all__ = [
     "LineTooLong",
     "Lines",
     "MalformedFrame",
+    "MessageHandler",
     "Netstring",
     "ProtocolError",
     "Server",
@@ -69,6 +70,7 @@ _LAZY = {
     "Lines": "sockserve.framing",
     "LineTooLong": "sockserve.framing",
     "MalformedFrame": "sockserve.framing",
+    "MessageHandler": "sockserve.handlers",
     "Netstring": "sockserve.framing",
     "ProtocolError": "sockserve.framing",
     "Server": "sockserve.server",

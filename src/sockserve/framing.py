@@ -55,7 +55,7 @@ class ProtocolError(Exception):
 class FrameTooLong(ProtocolError):
     """A message is (or announces itself as) longer than the framing's limit."""
 
-    def __init__(self, limit: int, what: str = "frame") -> None:
+    def __init__(self, limit: int, what: str = "message") -> None:
         super().__init__(f"{what} longer than {limit} bytes")
         self.limit = limit
 

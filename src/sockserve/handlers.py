@@ -11,17 +11,25 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sockserve.framing import LineFramer, LineTooLong
+from sockserve.framing import (
+    Framer,
+    FrameTooLong,
+    Framing,
+    LineFramer,
+    Lines,
+    LineTooLong,
+    ProtocolError,
+)
 
 if TYPE_CHECKING:
     from sockserve.lifecycle import ConnectionLedger
     from sockserve.proxy_protocol import ProxyHeader
     from sockserve.server import Server
 
-__all__ = ["DatagramHandler", "LineHandler", "LineTooLong", "StreamHandler"]
+__all__ = ["DatagramHandler", "LineHandler", "LineTooLong", "MessageHandler", "StreamHandler"]
 
 # A reader that is this far behind the peer stops reading from the socket until it
 # catches up (on top of the line limit, so one full line always fits).
@@ -122,6 +130,10 @@ class _Connection(asyncio.Protocol):
         """Bytes of a line begun and not finished that the handler is waiting on."""
         return 0
 
+    def _waiting_for(self) -> str:
+        """What ``_unfinished_line`` counts the bytes of: a line or a message."""
+        return "line"
+
     def _set_reason(self, reason: str) -> None:
         if self._close_reason is None:
             self._close_reason = reason
@@ -144,13 +156,15 @@ class _Connection(asyncio.Protocol):
             if seen is None or seen[0] != start:
                 self._line_seen = (start, now)
             elif now - seen[1] >= line_timeout and not self._closed:
+                unit = self._waiting_for()
                 self._ledger.slow_line_log(
-                    "closing %s: line unfinished after %.1f s (%d bytes)",
+                    "closing %s: %s unfinished after %.1f s (%d bytes)",
                     self.client_address,
+                    unit,
                     now - seen[1],
                     unfinished,
                 )
-                return "line timeout"
+                return f"{unit} timeout"
         else:
             self._line_seen = None
         if not idle_timeout:
@@ -189,11 +203,16 @@ class _Connection(asyncio.Protocol):
         self._set_reason("handler error")
         self._transport.close()
 
-    def _line_too_long(self) -> None:
-        self._ledger.long_line_log(
-            "closing %s: line longer than %d bytes", self.client_address, self._max_line
-        )
-        self._abort("line too long")
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        """The peer broke the framing: log why (rate-limited) and cut the connection."""
+        if isinstance(exc, LineTooLong):
+            reason = "line too long"
+        elif isinstance(exc, FrameTooLong):
+            reason = "message too long"
+        else:
+            reason = "malformed message"
+        self._ledger.long_line_log("closing %s: %s", self.client_address, exc)
+        self._abort(reason)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -255,29 +274,44 @@ class _Lingering(asyncio.Protocol):
         self.conn.connection_lost(exc)
 
 
-class LineHandler(_Connection):
-    """Fast path: ``handle_line`` is called for each line; what it returns is sent back.
+class MessageHandler(_Connection):
+    """Fast path for any framing: ``handle_message`` is called for each message; what it
+    returns is framed and sent back.
 
-    The line keeps its ``b"\\n"``. Return bytes to reply, or None for no reply. Define
-    ``handle_line`` as ``async def`` and lines are awaited one at a time, in order. A line
-    longer than ``max_line`` closes the connection. A handler that raises is logged with
-    its traceback and the connection is closed; other connections carry on.
-
-    On a datagram listener each datagram is handed to ``handle_line`` whole.
+    ``framing`` (a class attribute; ``Lines()`` by default) says how messages travel: the
+    message is the payload alone, and a reply is framed with ``framing.encode``. Return
+    bytes to reply, or None for no reply; ``send(payload)`` frames and writes a message
+    at any time. Define ``handle_message`` as ``async def`` and messages are awaited one
+    at a time, in order. A message over the framing's ``max_size`` or a malformed one
+    closes the connection with a logged reason, before the body of an over-long message
+    is read. A handler that raises is logged with its traceback and the connection is
+    closed; other connections carry on.
     """
 
     __slots__ = ("_eof", "_fast", "_framer", "_reading_paused", "_task")
 
+    framing: ClassVar[Framing] = Lines()
     _async: ClassVar[bool] = False
-    _fast: bool  # sync handler and nothing buffered: whole-line chunks skip the framer
-    _framer: LineFramer | None  # created only once a line arrives in pieces
+    _handle: ClassVar[Callable[[Any, bytes], Any]]  # handle_message, or handle_line
+    _fast: bool  # sync handler and nothing buffered: whole-message chunks skip the framer
+    _framer: Framer | None  # created only once a message arrives in pieces
     _reading_paused: bool
-    _task: asyncio.Task[None] | None  # awaits an async handle_line, line after line
+    _task: asyncio.Task[None] | None  # awaits an async handler, message after message
     _eof: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._async = inspect.iscoroutinefunction(cls.handle_line)
+        if not isinstance(cls.framing, Framing):
+            raise TypeError(
+                f"{cls.__qualname__}.framing must be a framing such as sockserve.Lines()"
+                f" or sockserve.LengthPrefixed(), not {cls.framing!r}"
+            )
+        cls._handle = cls._handler()
+        cls._async = inspect.iscoroutinefunction(cls._handle)
+
+    @classmethod
+    def _handler(cls) -> Callable[[Any, bytes], Any]:
+        return cls.handle_message
 
     def _attach(
         self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
@@ -288,9 +322,16 @@ class LineHandler(_Connection):
         self._task = None
         self._eof = self._reading_paused = False
 
-    def handle_line(self, line: bytes) -> bytes | Awaitable[bytes | None] | None:
-        """Answer one line; the default echoes it."""
-        return line
+    def handle_message(self, message: bytes) -> bytes | Awaitable[bytes | None] | None:
+        """Answer one message; the default echoes it."""
+        return message
+
+    def send(self, payload: bytes) -> None:
+        """Frame ``payload`` as one message and queue it for the peer (server push)."""
+        self.write(self.framing.encode(payload))
+
+    def _new_framer(self) -> Framer:
+        return self.framing.framer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -301,86 +342,87 @@ class LineHandler(_Connection):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        # Fast path: nothing buffered and the chunk is exactly one line, the usual case
+        # Fast path: nothing buffered and the chunk is exactly one message, the usual case
         # for request/response traffic. Same outcome as the framer, without its calls.
         if self._fast:
-            end = data.find(b"\n")
-            if end == len(data) - 1 and end < self._max_line:
+            framing = self.framing
+            message = framing.whole(data)
+            if message is not None:
                 try:
-                    reply = self.handle_line(data)
+                    reply = self._handle(message)
+                    if reply is not None:
+                        reply = framing.encode(reply)
                 except Exception as exc:
                     self._handler_error(exc)
                     return
                 if reply is not None:
-                    self.bytes_out += len(reply)  # type: ignore[arg-type]
-                    self._transport.write(reply)  # type: ignore[arg-type]
+                    self.bytes_out += len(reply)
+                    self._transport.write(reply)
                 return
+        self._buffer_data(data)
+
+    def _buffer_data(self, data: bytes) -> None:
+        """Through the framer: messages in pieces, several in a chunk, or async handlers."""
         framer = self._framer
         if framer is None:
-            framer = self._framer = LineFramer(self._max_line)
+            framer = self._framer = self._new_framer()
             self._fast = False
-        try:
-            framer.feed(data)
-        except LineTooLong:
-            if not self._async:
-                self._answer_lines()  # the complete lines before the long one
-            self._line_too_long()
-            return
+        framer.feed(data)
         if not self._async:
-            self._answer_lines()
+            self._answer_messages()
             return
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run_lines())
+            self._task = asyncio.get_running_loop().create_task(self._run_messages())
         self._update_reading()  # a handler behind by READ_AHEAD bytes stops the reads
 
-    def _answer_lines(self) -> None:
-        """Answer every complete line the framer holds (sync handlers)."""
+    def _answer_messages(self) -> None:
+        """Answer every complete message the framer holds (sync handlers)."""
         framer = self._framer
         assert framer is not None
         while not self._closed:
             try:
-                line = framer.next_line()
-            except LineTooLong:
-                self._line_too_long()
+                message = framer.next_message()
+            except ProtocolError as exc:
+                self._protocol_error(exc)
                 return
-            if line is None:
+            if message is None:
                 break
-            if not self._answer(line):
+            if not self._answer(message):
                 return
         if framer.empty:
             self._framer = None
             self._fast = True
 
-    def _answer(self, line: bytes) -> bool:
-        """Hand one line to the sync handler and send its reply; False once it raised."""
+    def _answer(self, message: bytes) -> bool:
+        """Hand one message to the sync handler and send its reply; False once it raised."""
         try:
-            reply = self.handle_line(line)
+            reply = self._handle(message)
+            if reply is not None:
+                self.send(reply)
         except Exception as exc:
             self._handler_error(exc)
             return False
-        if reply is not None:
-            self.write(reply)  # type: ignore[arg-type]
         return True
 
-    async def _run_lines(self) -> None:
-        """Await the async handler for each buffered line, in order; the framer is the queue."""
+    async def _run_messages(self) -> None:
+        """Await the async handler for each buffered message, in order; the framer is the
+        queue."""
         framer = self._framer
         assert framer is not None
         try:
             while not self._closed:
-                line = framer.next_line()
-                if line is None:
-                    # At the end of the stream the unterminated last line is still a line.
-                    line = framer.take_buffer() if self._eof else None
-                    if not line:
+                message = framer.next_message()
+                if message is None:
+                    message = framer.end() if self._eof else None
+                    if message is None:
                         break
-                reply = await self.handle_line(line)  # type: ignore[misc]
+                reply = await self._handle(message)
                 if reply is not None:
-                    self.write(reply)
+                    self.send(reply)
                     await self._wait_writable()
                 self._update_reading()
-        except LineTooLong:
-            self._line_too_long()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
         except Exception as exc:
             self._handler_error(exc)
         finally:
@@ -408,16 +450,23 @@ class LineHandler(_Connection):
         framer = self._framer
         return 0 if framer is None or self._reading_paused else framer.unfinished
 
+    def _waiting_for(self) -> str:
+        return "message"
+
     def eof_received(self) -> bool:
         self._eof = True
         framer = self._framer
         if self._async:
             if framer is not None and not framer.empty and self._task is None:
-                self._task = asyncio.get_running_loop().create_task(self._run_lines())
-            return self._task is not None  # keep the transport open until lines are answered
-        tail = framer.take_buffer() if framer is not None else b""
-        if tail:  # the last line of a stream may lack its newline; it is still a line
-            self._answer(tail)
+                self._task = asyncio.get_running_loop().create_task(self._run_messages())
+            return self._task is not None  # keep the transport open until messages are answered
+        try:
+            last = framer.end() if framer is not None else None
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return False
+        if last is not None:  # the last line of a stream may lack its newline
+            self._answer(last)
         return False
 
     def pause_writing(self) -> None:
@@ -439,7 +488,64 @@ class LineHandler(_Connection):
             self._ledger.handler_failed(self.client_address, error)
 
 
-_LINE, _SOME, _EXACTLY, _ALL = range(4)  # what a pending read waits for
+MessageHandler._handle = MessageHandler.handle_message  # the base class serves too: an echo
+
+
+class LineHandler(MessageHandler):
+    """Fast path: ``handle_line`` is called for each line; what it returns is sent back.
+
+    A ``MessageHandler`` reading lines: the line keeps its ``b"\\n"`` and the reply is
+    written as given (``send`` too). Return bytes to reply, or None for no reply. Define
+    ``handle_line`` as ``async def`` and lines are awaited one at a time, in order. A line
+    longer than ``max_line`` closes the connection. A handler that raises is logged with
+    its traceback and the connection is closed; other connections carry on.
+
+    On a datagram listener each datagram is handed to ``handle_line`` whole.
+    """
+
+    __slots__ = ()
+
+    framing: ClassVar[Framing] = Lines(keep=True)
+
+    @classmethod
+    def _handler(cls) -> Callable[[Any, bytes], Any]:
+        return cls.handle_line
+
+    def handle_line(self, line: bytes) -> bytes | Awaitable[bytes | None] | None:
+        """Answer one line; the default echoes it."""
+        return line
+
+    def send(self, payload: bytes) -> None:
+        """Queue ``payload`` for the peer as given (a line handler frames its own replies)."""
+        self.write(payload)
+
+    def _new_framer(self) -> Framer:
+        return LineFramer(self._max_line)
+
+    def _waiting_for(self) -> str:
+        return "line"
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        # Fast path: nothing buffered and the chunk is exactly one line, the usual case
+        # for request/response traffic. Same outcome as the framer, without its calls.
+        if self._fast:
+            end = data.find(b"\n")
+            if end == len(data) - 1 and end < self._max_line:
+                try:
+                    reply = self.handle_line(data)
+                except Exception as exc:
+                    self._handler_error(exc)
+                    return
+                if reply is not None:
+                    self.bytes_out += len(reply)  # type: ignore[arg-type]
+                    self._transport.write(reply)  # type: ignore[arg-type]
+                return
+        self._buffer_data(data)
+
+
+_LINE, _SOME, _EXACTLY, _ALL, _MESSAGE = range(5)  # what a pending read waits for
+_WAIT: Any = object()  # what _take returns when the pending read must wait
 
 
 class _Ready:
@@ -461,15 +567,18 @@ class StreamHandler(_Connection):
     ``setup`` and ``finish`` may be plain or async. Read with ``readline``, ``read`` and
     ``readexactly``, write with ``write`` and ``await drain()``. ``readline`` raises
     LineTooLong past ``max_line`` (uncaught, it closes the connection with that reason).
+    ``read_message`` and ``write_message`` speak the class's ``framing`` (``Lines()`` by
+    default); reads of either kind may follow each other on one connection.
 
     Reads return futures, completed by the protocol as data arrives, so a line costs
     no coroutine of the framework's.
     """
 
     __slots__ = (
-        "_buffer",
         "_eof",
+        "_framer",
         "_loop",
+        "_messages",
         "_reading_paused",
         "_task",
         "_waiter",
@@ -477,10 +586,12 @@ class StreamHandler(_Connection):
         "_wanted",
     )
 
-    _buffer: bytearray
+    framing: ClassVar[Framing] = Lines()
+    _framer: Framer | None  # None while nothing is buffered for reading lines
+    _messages: bool  # the framer is the class framing's (read_message), not readline's
     _eof: bool
     _loop: asyncio.AbstractEventLoop
-    _waiter: asyncio.Future[bytes] | None
+    _waiter: asyncio.Future[Any] | None
     _want: int
     _wanted: int  # the n of read(n) / readexactly(n)
     _reading_paused: bool
@@ -489,6 +600,11 @@ class StreamHandler(_Connection):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if not isinstance(cls.framing, Framing):
+            raise TypeError(
+                f"{cls.__qualname__}.framing must be a framing such as sockserve.Lines()"
+                f" or sockserve.LengthPrefixed(), not {cls.framing!r}"
+            )
         cls._simple_hooks = not (
             inspect.iscoroutinefunction(cls.setup) or inspect.iscoroutinefunction(cls.finish)
         )
@@ -497,8 +613,8 @@ class StreamHandler(_Connection):
         self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
     ) -> None:
         super()._attach(server, ledger, client_address, listener)
-        self._eof = self._reading_paused = False
-        self._waiter = self._task = None
+        self._eof = self._reading_paused = self._messages = False
+        self._waiter = self._task = self._framer = None
         self._want = _LINE
         self._wanted = 0
 
@@ -506,12 +622,20 @@ class StreamHandler(_Connection):
         """Serve the connection; return to close it."""
 
     def _unfinished_line(self) -> int:
-        waiting = self._waiter is not None and self._want == _LINE and not self._reading_paused
-        return len(self._buffer) if waiting else 0
+        framer = self._framer
+        waiting = (
+            self._waiter is not None
+            and self._want in (_LINE, _MESSAGE)
+            and not self._reading_paused
+            and framer is not None
+        )
+        return framer.unfinished if waiting else 0  # type: ignore[union-attr]
+
+    def _waiting_for(self) -> str:
+        return "message" if self._want == _MESSAGE else "line"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._buffer = bytearray()
         self._loop = loop = asyncio.get_running_loop()
         if self._simple_hooks:
             try:
@@ -554,8 +678,8 @@ class StreamHandler(_Connection):
 
     def _ended(self, exc: BaseException) -> None:
         """Why handle() ended, when it raised."""
-        if isinstance(exc, LineTooLong):
-            self._line_too_long()
+        if isinstance(exc, ProtocolError):
+            self._protocol_error(exc)
         elif isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)):
             self._set_reason(f"error: {exc}" if str(exc) else type(exc).__name__)
         elif isinstance(exc, asyncio.CancelledError):
@@ -575,17 +699,21 @@ class StreamHandler(_Connection):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         waiter = self._waiter
-        if waiter is not None and self._want == _LINE and not self._buffer:
-            # Fast path: a readline is waiting and this chunk is exactly one line.
-            end = data.find(b"\n")
-            if end == len(data) - 1 and end < self._max_line and not waiter.done():
-                self._waiter = None
-                waiter.set_result(data)
-                return
-        self._buffer += data
+        framer = self._framer
+        if framer is None:
+            if waiter is not None and self._want == _LINE:
+                # Fast path: a readline is waiting and this chunk is exactly one line.
+                end = data.find(b"\n")
+                if end == len(data) - 1 and end < self._max_line and not waiter.done():
+                    self._waiter = None
+                    waiter.set_result(data)
+                    return
+            framer = self._framer_for(self._want == _MESSAGE if waiter else self._messages)
+        framer.feed(data)
         if waiter is not None:
             self._fulfil()
-        if len(self._buffer) > READ_AHEAD + self._max_line and not self._reading_paused:
+        framer = self._framer
+        if not self._reading_paused and framer and framer.buffered > READ_AHEAD + self._max_line:
             self._reading_paused = True
             self._transport.pause_reading()
 
@@ -609,63 +737,77 @@ class StreamHandler(_Connection):
             return
         try:
             result = self._take()
-        except LineTooLong as exc:
+        except (ProtocolError, asyncio.IncompleteReadError) as exc:
             self._waiter = None
             waiter.set_exception(exc)
             return
-        except asyncio.IncompleteReadError as exc:
-            self._waiter = None
-            waiter.set_exception(exc)
-            return
-        if result is not None:
+        if result is not _WAIT:
             self._waiter = None
             waiter.set_result(result)
 
-    def _take(self) -> bytes | None:
-        """What the current read wants from the buffer, or None if it must wait."""
-        buffer = self._buffer
+    def _framer_for(self, messages: bool) -> Framer:
+        """The framer for lines (readline) or for the class framing (read_message); on a
+        switch the new one takes over the bytes the old one held."""
+        framer = self._framer
+        if framer is not None and self._messages == messages:
+            return framer
+        new = self.framing.framer() if messages else LineFramer(self._max_line)
+        if framer is not None:
+            new.feed(framer.take_buffer())
+        self._framer, self._messages = new, messages
+        return new
+
+    def _take(self) -> Any:
+        """What the current read wants from the framer, or _WAIT if it must wait."""
         want = self._want
-        if want == _LINE:
-            end = buffer.find(b"\n")
-            if end < 0:
-                if len(buffer) > self._max_line:
-                    raise LineTooLong(self._max_line)
+        framer = self._framer
+        if want in (_LINE, _MESSAGE):
+            if framer is None and not self._eof:
+                return _WAIT
+            framer = self._framer_for(want == _MESSAGE)
+            result: Any = framer.next_message()
+            if result is None:
                 if not self._eof:
-                    return None
-                end = len(buffer) - 1  # the unterminated last line, or b"" at the end
-            elif end >= self._max_line:
-                raise LineTooLong(self._max_line)
-            size = end + 1
+                    return _WAIT
+                result = framer.end()  # the unterminated last line; None at the end
+                if result is None and want == _LINE:
+                    result = b""
+        elif framer is None:  # nothing buffered
+            if want == _EXACTLY and self._wanted == 0:
+                return b""
+            if not self._eof:
+                return _WAIT
+            if want == _EXACTLY:
+                raise asyncio.IncompleteReadError(b"", self._wanted)
+            return b""
         elif want == _SOME:
-            if not buffer and not self._eof:
-                return None
-            size = self._wanted
+            if framer.empty and not self._eof:
+                return _WAIT
+            result = framer.read(self._wanted)
         elif want == _EXACTLY:
-            if len(buffer) < self._wanted:
+            result = framer.read_exactly(self._wanted)
+            if result is None:
                 if not self._eof:
-                    return None
-                partial = bytes(buffer)
-                buffer.clear()
-                raise asyncio.IncompleteReadError(partial, self._wanted)
-            size = self._wanted
+                    return _WAIT
+                raise asyncio.IncompleteReadError(framer.take_buffer(), self._wanted)
         else:
             if not self._eof:
-                return None
-            size = len(buffer)
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        if self._reading_paused and len(buffer) <= READ_AHEAD:
+                return _WAIT
+            result = framer.take_buffer()
+        if framer.empty and not self._messages:
+            self._framer = None  # an idle connection holds no framer
+        if self._reading_paused and framer.buffered <= READ_AHEAD:
             self._reading_paused = False
             self._transport.resume_reading()
-        return data
+        return result
 
-    def _read(self, want: int, wanted: int = 0) -> asyncio.Future[bytes]:
+    def _read(self, want: int, wanted: int = 0) -> asyncio.Future[Any]:
         if self._waiter is not None:
             raise RuntimeError("another read is already waiting on this connection")
-        future: asyncio.Future[bytes] = self._loop.create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._want, self._wanted = want, wanted
-        result = self._take()  # may raise LineTooLong or IncompleteReadError right away
-        if result is not None:
+        result = self._take()  # may raise ProtocolError or IncompleteReadError right away
+        if result is not _WAIT:
             future.set_result(result)
         else:
             self._waiter = future
@@ -677,7 +819,7 @@ class StreamHandler(_Connection):
     # Handler side
     def readline(self) -> Awaitable[bytes]:
         """The next line with its ``b"\\n"``; at end of stream the rest, then ``b""``."""
-        if self._buffer or self._eof or self._waiter is not None or self._reading_paused:
+        if self._framer is not None or self._eof or self._waiter is not None:
             return self._read(_LINE)
         # Nothing buffered: the usual wait for the next request, kept short.
         future: asyncio.Future[bytes] = self._loop.create_future()
@@ -697,6 +839,16 @@ class StreamHandler(_Connection):
             raise ValueError("readexactly size can not be less than zero")
         return self._read(_EXACTLY, n)
 
+    def read_message(self) -> Awaitable[bytes | None]:
+        """The next message of the class's ``framing``, without its framing; None at the
+        end of the stream. A message over the limit or malformed raises ProtocolError
+        (uncaught, it closes the connection with a logged reason)."""
+        return self._read(_MESSAGE)
+
+    def write_message(self, payload: bytes) -> None:
+        """Frame ``payload`` with the class's ``framing`` and write it."""
+        self.write(self.framing.encode(payload))
+
     def drain(self) -> Awaitable[None]:
         """Wait while the peer is not reading what was written (backpressure)."""
         if self._closed:
@@ -712,7 +864,7 @@ class StreamHandler(_Connection):
 
     def at_eof(self) -> bool:
         """True once the peer finished sending and everything was read."""
-        return self._eof and not self._buffer
+        return self._eof and (self._framer is None or self._framer.empty)
 
 
 class DatagramHandler:

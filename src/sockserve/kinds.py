@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sockserve.blocking import BlockingPool, is_blocking_handler
-from sockserve.handlers import DatagramHandler, LineHandler, StreamHandler, _Connection
+from sockserve.handlers import DatagramHandler, MessageHandler, StreamHandler, _Connection
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
@@ -142,10 +142,11 @@ class _AsyncKind(HandlerKind):
 
 
 class LineKind(_AsyncKind):
-    """``LineHandler``: on a datagram listener each datagram is one line."""
+    """``MessageHandler`` and its ``LineHandler``: on a datagram listener each datagram is
+    one message (one line), answered unframed."""
 
     name = "line"
-    handler_base = LineHandler
+    handler_base = MessageHandler
 
     def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
         handler = self.handler_class()
@@ -153,7 +154,7 @@ class LineKind(_AsyncKind):
 
         def answer(data: bytes, address: Any) -> Any:
             handler.client_address = address
-            return handler.handle_line(data)
+            return handler._handle(data)
 
         return DatagramAnswer(answer, handler._async, handler)
 
@@ -240,8 +241,8 @@ def kind_of(handler: type) -> type[HandlerKind]:
             return kind
     raise HandlerKindError(
         f"{handler.__module__}.{handler.__qualname__} is not a handler: subclass"
-        " sockserve.LineHandler, StreamHandler, DatagramHandler or a socketserver"
-        " BaseRequestHandler"
+        " sockserve.LineHandler, MessageHandler, StreamHandler, DatagramHandler or a"
+        " socketserver BaseRequestHandler"
     )
 
 

@@ -567,8 +567,9 @@ class StreamHandler(_Connection):
     ``setup`` and ``finish`` may be plain or async. Read with ``readline``, ``read`` and
     ``readexactly``, write with ``write`` and ``await drain()``. ``readline`` raises
     LineTooLong past ``max_line`` (uncaught, it closes the connection with that reason).
-    ``read_message`` and ``write_message`` speak the class's ``framing`` (``Lines()`` by
-    default); reads of either kind may follow each other on one connection.
+    ``read_message`` and ``write_message`` speak the class's ``framing`` (by default
+    lines kept whole, as ``readline`` reads them); reads of every kind may follow each
+    other on one connection.
 
     Reads return futures, completed by the protocol as data arrives, so a line costs
     no coroutine of the framework's.
@@ -586,7 +587,7 @@ class StreamHandler(_Connection):
         "_wanted",
     )
 
-    framing: ClassVar[Framing] = Lines()
+    framing: ClassVar[Framing] = Lines(keep=True)  # as readline and write: lines as given
     _framer: Framer | None  # None while nothing is buffered for reading lines
     _messages: bool  # the framer is the class framing's (read_message), not readline's
     _eof: bool

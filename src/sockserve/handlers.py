@@ -47,11 +47,13 @@ class _Connection(asyncio.Protocol):
         "_close_reason",
         "_closed",
         "_drain_waiter",
+        "_eof",
         "_idle_since",
         "_ledger",
         "_line_seen",
         "_max_line",
         "_opened",
+        "_reading_paused",
         "_seen_in",
         "_seen_out",
         "_transport",
@@ -75,6 +77,8 @@ class _Connection(asyncio.Protocol):
     _max_line: int
     _close_reason: str | None
     _closed: bool
+    _eof: bool  # the peer has finished sending
+    _reading_paused: bool  # we stopped reading from the peer (see _set_reading)
     _writing_paused: bool
     _drain_waiter: asyncio.Future[None] | None
     _opened: float
@@ -96,7 +100,7 @@ class _Connection(asyncio.Protocol):
         self.bytes_in = self.bytes_out = self._seen_in = self._seen_out = 0
         self._max_line = ledger.settings.max_line
         self._close_reason = None
-        self._closed = self._writing_paused = False
+        self._closed = self._eof = self._reading_paused = self._writing_paused = False
         self._drain_waiter = None
         self._opened = 0.0
         self._idle_since = None
@@ -239,6 +243,16 @@ class _Connection(asyncio.Protocol):
             self._close_reason or "eof",
         )
 
+    def _set_reading(self, on: bool) -> None:
+        """Read from the peer, or stop: the handler is too far behind, or the peer does
+        not read its replies. The kernel's buffers then push back on the peer."""
+        if on == self._reading_paused:
+            self._reading_paused = not on
+            if on:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
     def pause_writing(self) -> None:
         self._writing_paused = True
 
@@ -288,16 +302,14 @@ class MessageHandler(_Connection):
     closed; other connections carry on.
     """
 
-    __slots__ = ("_eof", "_fast", "_framer", "_reading_paused", "_task")
+    __slots__ = ("_fast", "_framer", "_task")
 
     framing: ClassVar[Framing] = Lines()
     _async: ClassVar[bool] = False
     _handle: ClassVar[Callable[[Any, bytes], Any]]  # handle_message, or handle_line
     _fast: bool  # sync handler and nothing buffered: whole-message chunks skip the framer
     _framer: Framer | None  # created only once a message arrives in pieces
-    _reading_paused: bool
     _task: asyncio.Task[None] | None  # awaits an async handler, message after message
-    _eof: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -320,7 +332,6 @@ class MessageHandler(_Connection):
         self._fast = not self._async
         self._framer = None
         self._task = None
-        self._eof = self._reading_paused = False
 
     def handle_message(self, message: bytes) -> bytes | Awaitable[bytes | None] | None:
         """Answer one message; the default echoes it."""
@@ -434,17 +445,13 @@ class MessageHandler(_Connection):
         """Read from the peer unless it has ended, is not reading its replies, or the
         async handler is more than READ_AHEAD bytes behind."""
         framer = self._framer
-        want = not (
-            self._eof
-            or self._writing_paused
-            or (framer is not None and framer.buffered > READ_AHEAD)
+        self._set_reading(
+            not (
+                self._eof
+                or self._writing_paused
+                or (framer is not None and framer.buffered > READ_AHEAD)
+            )
         )
-        if want == self._reading_paused:
-            self._reading_paused = not want
-            if want:
-                self._transport.resume_reading()
-            else:
-                self._transport.pause_reading()
 
     def _unfinished_line(self) -> int:
         framer = self._framer
@@ -576,11 +583,9 @@ class StreamHandler(_Connection):
     """
 
     __slots__ = (
-        "_eof",
         "_framer",
         "_loop",
         "_messages",
-        "_reading_paused",
         "_task",
         "_waiter",
         "_want",
@@ -590,12 +595,10 @@ class StreamHandler(_Connection):
     framing: ClassVar[Framing] = Lines(keep=True)  # as readline and write: lines as given
     _framer: Framer | None  # None while nothing is buffered for reading lines
     _messages: bool  # the framer is the class framing's (read_message), not readline's
-    _eof: bool
     _loop: asyncio.AbstractEventLoop
     _waiter: asyncio.Future[Any] | None
     _want: int
     _wanted: int  # the n of read(n) / readexactly(n)
-    _reading_paused: bool
     _task: asyncio.Task[None] | None
     _simple_hooks: ClassVar[bool] = True  # setup and finish are plain functions
 
@@ -614,7 +617,7 @@ class StreamHandler(_Connection):
         self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
     ) -> None:
         super()._attach(server, ledger, client_address, listener)
-        self._eof = self._reading_paused = self._messages = False
+        self._messages = False
         self._waiter = self._task = self._framer = None
         self._want = _LINE
         self._wanted = 0
@@ -715,8 +718,7 @@ class StreamHandler(_Connection):
             self._fulfil()
         framer = self._framer
         if not self._reading_paused and framer and framer.buffered > READ_AHEAD + self._max_line:
-            self._reading_paused = True
-            self._transport.pause_reading()
+            self._set_reading(False)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -798,8 +800,7 @@ class StreamHandler(_Connection):
         if framer.empty and not self._messages:
             self._framer = None  # an idle connection holds no framer
         if self._reading_paused and framer.buffered <= READ_AHEAD:
-            self._reading_paused = False
-            self._transport.resume_reading()
+            self._set_reading(True)
         return result
 
     def _read(self, want: int, wanted: int = 0) -> asyncio.Future[Any]:
@@ -813,8 +814,7 @@ class StreamHandler(_Connection):
         else:
             self._waiter = future
             if self._reading_paused:
-                self._reading_paused = False
-                self._transport.resume_reading()
+                self._set_reading(True)
         return future
 
     # Handler side

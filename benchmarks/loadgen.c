@@ -5,9 +5,10 @@
  *   loadgen burst --port P [--conns N] [--size S] [--timeout T]
  *   loadgen idle  --port P [--conns N] [--size S] [--timeout T]
  *   loadgen udp   --port P [--conns N] [--sockets K] [--size S] [--duration D]
- *   common: [--host 127.0.0.1|::1] [--cpu-pid PID]
+ *   common: [--host 127.0.0.1|::1] [--cpu-pid PID] [--framing line|u32]
  *
- * Every request is S bytes: lowercase letters then '\n'; every reply must be the
+ * Every request is S bytes: lowercase letters then '\n' (with --framing u32: a 4-byte
+ * big-endian length S-4, then S-4 lowercase letters); every reply must be the
  * uppercase of its request, or it counts as an error.  Each mode prints one line of
  * JSON on stdout.  tcp: N connections in closed loop (one request in flight each).
  * burst: N connects at the same instant, one line each, time until all replies.
@@ -46,10 +47,11 @@
 static struct {
     const char *mode;
     const char *host;
+    const char *framing;
     int port, conns, size, sockets, cpu_pid;
     double duration, timeout;
     long long max_requests;
-} opt = {NULL, "127.0.0.1", 0, 1, 64, 4, 0, 5.0, 5.0, 50000000LL};
+} opt = {NULL, "127.0.0.1", "line", 0, 1, 64, 4, 0, 5.0, 5.0, 50000000LL};
 
 static struct sockaddr_storage addr;
 static socklen_t addrlen;
@@ -64,7 +66,7 @@ static void usage(const char *msg)
 {
     fprintf(stderr, "loadgen: %s\nusage: loadgen tcp|burst|idle|udp --port P [--host 127.0.0.1|::1]"
                     " [--conns N] [--size S] [--sockets K] [--duration D] [--timeout T]"
-                    " [--max-requests M] [--cpu-pid PID]\n", msg);
+                    " [--max-requests M] [--cpu-pid PID] [--framing line|u32]\n", msg);
     exit(2);
 }
 
@@ -86,11 +88,14 @@ static void parse_args(int argc, char **argv)
         else if (!strcmp(k, "--timeout")) opt.timeout = atof(v);
         else if (!strcmp(k, "--max-requests")) opt.max_requests = atoll(v);
         else if (!strcmp(k, "--cpu-pid")) opt.cpu_pid = atoi(v);
+        else if (!strcmp(k, "--framing")) opt.framing = v;
         else usage("unknown option");
     }
     if (opt.port <= 0 || opt.port > 65535) usage("--port must be 1..65535");
     if (opt.conns < 1 || opt.conns > MAX_CONNS) usage("--conns must be 1..100000");
     if (opt.size < 2 || opt.size > MAX_SIZE) usage("--size must be 2..1048576");
+    if (strcmp(opt.framing, "line") && strcmp(opt.framing, "u32")) usage("--framing must be line or u32");
+    if (opt.framing[0] == 'u' && opt.size < 5) usage("--size must be at least 5 with --framing u32");
     if (opt.sockets < 1 || opt.sockets > opt.conns) opt.sockets = opt.conns < 4 ? opt.conns : 4;
     if (opt.duration <= 0 || opt.duration > 3600) usage("--duration must be in (0, 3600]");
     if (opt.timeout <= 0 || opt.timeout > 3600) usage("--timeout must be in (0, 3600]");
@@ -203,9 +208,18 @@ static double percentile_us(double q)
 
 /* ---- payloads ----------------------------------------------------------------- */
 
-/* Fill buf with S-1 lowercase letters varying with seq, then '\n'. */
+/* Fill buf with S-1 lowercase letters varying with seq, then '\n'; or, with
+ * --framing u32, a 4-byte big-endian length S-4, then S-4 lowercase letters. */
 static void make_request(char *buf, int size, unsigned long long seq)
 {
+    if (opt.framing[0] == 'u') {
+        uint32_t n = (uint32_t)(size - 4);
+        buf[0] = (char)(n >> 24), buf[1] = (char)(n >> 16), buf[2] = (char)(n >> 8);
+        buf[3] = (char)n;
+        for (int i = 4; i < size; i++)
+            buf[i] = (char)('a' + (seq + (unsigned)i) % 26);
+        return;
+    }
     for (int i = 0; i < size - 1; i++)
         buf[i] = (char)('a' + (seq + (unsigned)i) % 26);
     buf[size - 1] = '\n';

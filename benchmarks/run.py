@@ -47,6 +47,7 @@ class ServerSpec:
     argv: tuple[str, ...]  # after ``python``
     description: str
     burst_only: bool = False
+    loadgen: tuple[str, ...] = ()  # extra load generator options, such as its framing
 
 
 def _mod(module: str, *args: str) -> tuple[str, ...]:
@@ -89,6 +90,21 @@ SERVERS = [
         "tcp",
         _sockserve("demo", "--bind", "127.0.0.1:0", "--max-connections", "20000"),
         "sockserve demo: LineHandler fast path",
+    ),
+    ServerSpec(
+        "sockserve-message-u32",
+        "tcp",
+        _sockserve(
+            "run",
+            "benchmarks.servers.handlers:UpperU32",
+            "--bind",
+            "127.0.0.1:0",
+            "--max-connections",
+            "20000",
+        ),
+        "sockserve run: MessageHandler with a 4-byte length prefix (the same bytes on the"
+        " wire: a 4-byte header instead of the newline)",
+        loadgen=("--framing", "u32"),
     ),
     ServerSpec(
         "sockserve-stream",
@@ -289,9 +305,11 @@ def last_json(text: str) -> dict[str, Any]:
     raise ValueError(f"load generator printed no JSON: {text!r}")
 
 
-def loadgen_argv(point: Point, port: int, pid: int, duration: float) -> list[str]:
+def loadgen_argv(
+    point: Point, port: int, pid: int, duration: float, extra: Sequence[str] = ()
+) -> list[str]:
     argv = [str(LOADGEN), point.mode, "--port", str(port), "--conns", str(point.conns)]
-    argv += ["--size", str(point.size), "--cpu-pid", str(pid)]
+    argv += ["--size", str(point.size), "--cpu-pid", str(pid), *extra]
     if point.mode in ("tcp", "udp"):
         argv += ["--duration", str(duration)]
     else:
@@ -302,7 +320,7 @@ def loadgen_argv(point: Point, port: int, pid: int, duration: float) -> list[str
 def measure(point: Point, spec: ServerSpec, duration: float) -> dict[str, Any]:
     """One run of one server on one point: the load generator's JSON plus derived figures."""
     with running(spec, cores()[0]) as server:
-        argv = loadgen_argv(point, server.port, server.proc.pid, duration)
+        argv = loadgen_argv(point, server.port, server.proc.pid, duration, spec.loadgen)
         if point.mode != "idle":
             done = subprocess.run(
                 argv,
@@ -395,6 +413,8 @@ def servers_for(point: Point, only: Sequence[str]) -> list[ServerSpec]:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     points = quick_points() if args.quick else all_points()
+    if args.points:
+        points = [p for p in points if p.name in args.points.split(",")]
     only = [n for n in args.only.split(",") if n] if args.only else []
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     notes: dict[str, dict[str, str]] = {}
@@ -715,6 +735,26 @@ def targets(data: dict[str, Any]) -> list[Target]:
     ratio_target(
         "async stream handler ≥ 0.8x raw uvloop rps", "sockserve-stream", TCP_BASELINE, 0.8, "tcp-"
     )
+    # Message handler (u32) against the line handler, 64-byte requests, 64 and 1000 conns.
+    pairs = {
+        key: [
+            pair
+            for pair in point_ratios(data, "sockserve-message-u32", "sockserve-line", key)
+            if pair[0] in ("tcp-c64-s64", "tcp-c1000-s64")
+        ]
+        for key in ("rps", "cpu_us_per_rt")
+    }
+    rps_w, cpu_w = worst(pairs["rps"]), worst(pairs["cpu_us_per_rt"], lowest=False)
+    text = (
+        "message handler (u32) ≥ 0.95x the line handler's rps at ≤ 1.05x its server CPU per"
+        " round trip (64 and 1000 conns, 64 B)"
+    )
+    if rps_w is None or cpu_w is None:
+        out.append(Target(text, "not measured", None))
+    else:
+        miss = max(at_least(rps_w[1], 0.95) or 0.0, at_most(cpu_w[1], 1.05) or 0.0)
+        shown = f"rps {rps_w[1]:.2f}x (worst: {rps_w[0]}), CPU {cpu_w[1]:.2f}x (worst: {cpu_w[0]})"
+        out.append(Target(text, shown, miss))
     ratio_target(
         "blocking handler under `sockserve run` ≥ 0.9x stdlib ThreadingTCPServer at 64 conns",
         "sockserve-blocking",
@@ -904,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
     parser.add_argument("--quick", action="store_true", help="64 conns x 64 B and UDP only")
     parser.add_argument("--only", default="", help="servers whose name contains NAME (a,b)")
+    parser.add_argument("--points", default="", help="only these points (tcp-c64-s64,...)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per point")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")

@@ -1,6 +1,7 @@
 """The uppercase server as sockserve handlers, for ``sockserve run benchmarks.servers.handlers:X``.
 
-``sockserve demo`` is the line-handler fast path; these are the other two TCP kinds.
+``sockserve demo`` is the line-handler fast path; these are the other TCP kinds, and the
+message handler with a 4-byte length prefix (``loadgen --framing u32`` drives it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ class UpperLine(sockserve.LineHandler):
 
     def handle_line(self, line: bytes) -> bytes:
         return line.upper()
+
+
+class UpperU32(sockserve.MessageHandler):
+    """Message handler, 4-byte big-endian length prefix: the payload uppercased."""
+
+    __slots__ = ()
+    framing = sockserve.LengthPrefixed("!I")
+
+    def handle_message(self, message: bytes) -> bytes:
+        return message.upper()
 
 
 class UpperBlocking(socketserver.StreamRequestHandler):

@@ -1,9 +1,10 @@
-"""``sockserve bench ADDRESS``: a load generator for line protocols.
+"""``sockserve bench ADDRESS``: a load generator for line protocols, or any framing.
 
-Each of ``--connections`` connections sends a line, reads one reply line, and sends the
-next, keeping ``--pipeline`` requests in flight. Latencies go into a log-bucket
-histogram (bounded memory however long the run), the run stops by itself at
-``--duration`` or ``--requests``, and only the given address is ever contacted.
+Each of ``--connections`` connections sends a line (with ``--framing``, a message),
+reads one reply, and sends the next, keeping ``--pipeline`` requests in flight.
+Latencies go into a log-bucket histogram (bounded memory however long the run), the
+run stops by itself at ``--duration`` or ``--requests``, and only the given address is
+ever contacted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from typing import Any, cast
 
 from sockserve.binding import FdAddress, TCPAddress, UDPAddress, UnixAddress, parse_address
 from sockserve.client import error_text, positive
+from sockserve.framing import (
+    FRAMING_SPECS,
+    FixedSize,
+    Framer,
+    Framing,
+    ProtocolError,
+    parse_framing,
+)
 from sockserve.runner import new_event_loop, raise_open_file_limit
 from sockserve.settings import SettingsError
 
@@ -112,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_at_least(2),
         default=64,
         metavar="BYTES",
-        help="request line length, newline included (default 64)",
+        help="request line length, newline included; with --framing, the payload's"
+        " length (default 64)",
     )
     parser.add_argument(
         "-d",
@@ -165,6 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="progress on stderr this often (default 1 on a terminal, else 5)",
     )
+    parser.add_argument(
+        "--framing",
+        default="line",
+        metavar="SPEC",
+        help=f"how requests and replies travel: {FRAMING_SPECS} (default line)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -195,6 +211,8 @@ class Options:
     timeout: float
     progress: str  # "tty", "lines" or "none"
     progress_interval: float
+    framing: Framing | None = None  # None: lines
+    framing_name: str = "line"
 
 
 @dataclass
@@ -236,6 +254,8 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.in_flight: collections.deque[tuple[int, bytes | None]] = collections.deque()
         self.lost = False
+        framing = bench.options.framing
+        self.framer: Framer | None = None if framing is None else framing.framer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -247,18 +267,22 @@ class _Connection(asyncio.Protocol):
         if not bench.take_request():
             return
         self.seq += 1
-        body = (self.prefix + b"%x-" % self.seq + PAD * (bench.options.size // 26 + 1))[
-            : bench.options.size - 1
-        ]
+        framing = bench.options.framing
+        size = bench.options.size if framing is not None else bench.options.size - 1
+        body = (self.prefix + b"%x-" % self.seq + PAD * (size // 26 + 1))[:size]
+        wire = body + b"\n" if framing is None else framing.encode(body)
         expected = bench.expected(body)
         self.in_flight.append((time.perf_counter_ns(), expected))
         assert self.transport is not None
-        self.transport.write(body + b"\n")
-        bench.results.bytes_sent += len(body) + 1
+        self.transport.write(wire)
+        bench.results.bytes_sent += len(wire)
 
     def data_received(self, data: bytes) -> None:
         bench = self.bench
         bench.results.bytes_received += len(data)
+        if self.framer is not None:
+            self._messages_received(data)
+            return
         buffer = self.buffer
         start = len(buffer)
         buffer += data
@@ -270,6 +294,20 @@ class _Connection(asyncio.Protocol):
         if len(buffer) > MAX_REPLY:
             bench.close_reason(f"reply line longer than {MAX_REPLY} bytes")
             bench.results.errors.closed += 1
+            self.lost = True
+            assert self.transport is not None
+            self.transport.abort()
+
+    def _messages_received(self, data: bytes) -> None:
+        framer = self.framer
+        assert framer is not None
+        framer.feed(data)
+        try:
+            while (message := framer.next_message()) is not None:
+                self._reply(message)
+        except ProtocolError as exc:
+            self.bench.close_reason(f"bad reply: {exc}")
+            self.bench.results.errors.closed += 1
             self.lost = True
             assert self.transport is not None
             self.transport.abort()
@@ -467,6 +505,7 @@ def summary(results: Results, options: Options) -> dict[str, Any]:
         "connected": results.connected,
         "size": options.size,
         "pipeline": options.pipeline,
+        "framing": options.framing_name,
         "expect": options.expect,
         "duration": round(results.elapsed, 3),
         "requests": results.requests,
@@ -505,7 +544,13 @@ def format_summary(data: dict[str, Any]) -> str:
     lines = [
         f"address      {data['address']}",
         f"connections  {data['connections']} ({data['connected']} connected), "
-        f"pipeline {data['pipeline']}, {data['size']}-byte lines, expect {data['expect']}",
+        f"pipeline {data['pipeline']}, "
+        + (
+            f"{data['size']}-byte lines"
+            if data["framing"] == "line"
+            else f"{data['size']}-byte {data['framing']} messages"
+        )
+        + f", expect {data['expect']}",
         f"duration     {data['duration']:.2f} s"
         + (" (interrupted)" if data["interrupted"] else ""),
         f"requests     {data['requests']}",
@@ -542,6 +587,22 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        framing = None if args.framing.strip().lower() == "line" else parse_framing(args.framing)
+    except ValueError as exc:
+        print(f"{PROG}: error: --framing: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(framing, FixedSize) and args.size != framing.max_size:
+        print(
+            f"{PROG}: error: --size must be {framing.max_size} with --framing {args.framing}",
+            file=sys.stderr,
+        )
+        return 2
+    if framing is not None and args.size > framing.max_size:
+        print(
+            f"{PROG}: error: --size {args.size} is over what {framing!r} carries", file=sys.stderr
+        )
+        return 2
     progress = "none" if args.quiet else ("tty" if sys.stderr.isatty() else "lines")
     options = Options(
         url=url,
@@ -555,6 +616,8 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         progress=progress,
         progress_interval=args.progress_interval or (1.0 if progress == "tty" else 5.0),
+        framing=framing,
+        framing_name=args.framing.strip().lower(),
     )
     try:
         loop = new_event_loop(args.loop)

@@ -35,8 +35,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             )
         else:
             group.add_argument(
-                s.option,
+                *s.options,
                 *(["-b"] if s.name == "bind" else []),
+                dest=s.name,
                 action="append" if s.repeatable else "store",
                 default=None,
                 metavar=s.metavar or s.name.upper(),

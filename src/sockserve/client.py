@@ -3,8 +3,10 @@
 Each input line is sent with a trailing newline and the whole reply is printed: the
 client reads until the reply ends with a newline, or, for servers that answer without
 one (the tutorial's ``data.upper()``), until no more bytes arrive for a short quiet
-period. Empty lines are never sent, a closed or unreachable server is one clear line
-on stderr, and end of input (Ctrl-D) ends the session cleanly.
+period. With ``--framing`` (``u32``, ``netstring``, ...) each input line is sent as one
+message and each reply message is printed on a line, escaped where not printable.
+Empty lines are never sent, a closed or unreachable server is one clear line on
+stderr, and end of input (Ctrl-D) ends the session cleanly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -28,6 +31,7 @@ from sockserve.binding import (
     UnixAddress,
     parse_address,
 )
+from sockserve.framing import FRAMING_SPECS, Framing, ProtocolError, parse_framing
 
 __all__ = ["add_arguments", "run"]
 
@@ -71,6 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a reply without a trailing newline ends once no bytes arrive for this long "
         "(default 0.2)",
+    )
+    parser.add_argument(
+        "--framing",
+        default="line",
+        metavar="SPEC",
+        help="how messages travel (stream addresses): "
+        + FRAMING_SPECS
+        + " (u16..u64: big-endian length prefix, ..le: little-endian); with anything but"
+        " line, each input line is sent as one message and each reply message is printed"
+        " on a line of its own, escaped where not printable (default line)",
     )
     tls = parser.add_argument_group("TLS (stream addresses only)")
     tls.add_argument("--tls", action="store_true", help="speak TLS to the server")
@@ -234,15 +248,20 @@ class Session:
         if self.closed:
             raise ServerGone("server closed the connection")
 
+    def frame(self, line: bytes) -> bytes:
+        """What goes on the wire for one input line."""
+        return line + b"\n"
+
     def send(self, line: bytes) -> None:
         """Send one line (newline added) and print its reply."""
         self.check_open()
+        data = self.frame(line)
         try:
             self.sock.settimeout(self.timeout)
             if self.datagram:
-                self.sock.send(line + b"\n")
+                self.sock.send(data)
             else:
-                self.sock.sendall(line + b"\n")
+                self.sock.sendall(data)
         except ConnectionRefusedError:
             raise ServerGone(f"cannot reach {self.url}: Connection refused") from None
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
@@ -275,6 +294,74 @@ class Session:
             _write("\n")
         if self.closed:
             raise ServerGone("server closed the connection")
+
+
+class FramedSession(Session):
+    """A session in a framing: each input line is one message, each reply one message."""
+
+    def __init__(
+        self, sock: socket.socket, url: str, timeout: float, quiet_time: float, framing: Framing
+    ) -> None:
+        super().__init__(sock, url, timeout, quiet_time)
+        self.framing = framing
+        self.framer = framing.framer()
+
+    def frame(self, line: bytes) -> bytes:
+        return self.framing.encode(line)
+
+    def _print_messages(self) -> int:
+        """Print every complete reply message held; how many there were."""
+        printed = 0
+        try:
+            while (message := self.framer.next_message()) is not None:
+                _write(escape(message) + "\n")
+                printed += 1
+        except ProtocolError as exc:
+            raise ServerGone(f"bad reply from {self.url}: {exc}") from None
+        return printed
+
+    def check_open(self) -> None:
+        """Print any messages the server sent unasked; raise ServerGone if it has closed."""
+        if not self.closed:
+            self.sock.settimeout(0.0)
+            try:
+                for _ in range(64):  # bounded, as in Session.check_open
+                    chunk = self.sock.recv(MAX_DATAGRAM)
+                    if not chunk:
+                        self.closed = True
+                        break
+                    self.framer.feed(chunk)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                pass
+            except (ConnectionResetError, ssl.SSLEOFError):
+                self.closed = True
+            except (ConnectionError, ssl.SSLError) as exc:
+                raise ServerGone(f"connection to {self.url} lost: {error_text(exc)}") from None
+            self._print_messages()
+        if self.closed:
+            raise ServerGone("server closed the connection")
+
+    def receive(self) -> None:
+        """Print one reply message (and any that came with it)."""
+        deadline = time.monotonic() + self.timeout
+        while not self._print_messages():
+            left = deadline - time.monotonic()
+            chunk = self._recv(left) if left > 0 else None
+            if chunk is None:
+                self.unanswered += 1
+                _note(f"no reply within {self.timeout:g} s")
+                return
+            if not chunk:
+                raise ServerGone("server closed the connection")
+            self.framer.feed(chunk)
+
+
+def escape(payload: bytes) -> str:
+    """A message as one printable line: UTF-8 text as is, anything else escaped."""
+    text = payload.decode("utf-8", "backslashreplace")
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 def _write(text: str) -> None:
@@ -322,6 +409,14 @@ def run(args: argparse.Namespace) -> int:
     datagram = isinstance(address, UDPAddress) or (
         isinstance(address, UnixAddress) and address.datagram
     )
+    try:
+        framing = None if args.framing.strip().lower() == "line" else parse_framing(args.framing)
+    except ValueError as exc:
+        _note(f"error: --framing: {exc}")
+        return 2
+    if framing is not None and datagram:
+        _note("error: --framing needs a stream address (a datagram is already one message)")
+        return 2
     context = None
     if args.tls:
         if datagram:
@@ -342,14 +437,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    session = Session(sock, describe(address), args.timeout, args.quiet_time)
+    session = (
+        Session(sock, describe(address), args.timeout, args.quiet_time)
+        if framing is None
+        else FramedSession(sock, describe(address), args.timeout, args.quiet_time, framing)
+    )
     interactive = sys.stdin.isatty()
     try:
         for line in _lines(sys.stdin.buffer, interactive):
             if not line.strip():
                 _note("empty line not sent")
                 continue
-            session.send(line)
+            try:
+                session.send(line)
+            except ValueError as exc:  # the framing cannot carry this line
+                _note(f"not sent: {exc}")
     except ServerGone as exc:
         _note(str(exc))
         return 1

@@ -208,9 +208,11 @@ def _setting(
     metavar: str | None = None,
     repeatable: bool = False,
     flag: bool = False,
+    alias: str | None = None,
 ) -> Any:
     meta = {"convert": convert, "help": help, "metavar": metavar, "repeatable": repeatable}
     meta["flag"] = flag
+    meta["alias"] = alias  # a second name for the flag and the environment variable
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -278,8 +280,10 @@ class Settings:
     line_timeout: float = _setting(
         60.0,
         duration,
-        "Time a line may take from its first byte to its newline (line and stream handlers"
-        " reading lines): a peer dripping bytes is closed though never idle; 0 never.",
+        "Time a message (a line, or a message of any framing) may take from its first byte"
+        " to its last (line and message handlers, stream handlers waiting in readline or"
+        " read_message): a peer dripping bytes is closed though never idle; 0 never.",
+        alias="message_timeout",
     )
     max_line: int = _setting(
         65536,
@@ -424,6 +428,7 @@ class Setting:
     repeatable: bool
     flag: bool
     convert: Callable[[object], Any]
+    alias: str | None = None
 
     @property
     def option(self) -> str:
@@ -432,6 +437,18 @@ class Setting:
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The flag, then its alias's."""
+        alias = () if self.alias is None else ("--" + self.alias.replace("_", "-"),)
+        return (self.option, *alias)
+
+    @property
+    def envs(self) -> tuple[str, ...]:
+        """The environment variable, then its alias's."""
+        alias = () if self.alias is None else (ENV_PREFIX + self.alias.upper(),)
+        return (self.env, *alias)
 
 
 def _settings() -> tuple[Setting, ...]:
@@ -445,6 +462,7 @@ def _settings() -> tuple[Setting, ...]:
             f.metadata["repeatable"],
             f.metadata["flag"],
             f.metadata["convert"],
+            f.metadata["alias"],
         )
         for f in dataclasses.fields(Settings)
     )
@@ -463,7 +481,12 @@ def describe(name: str) -> str:
 def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The SOCKSERVE_* variables that name a setting, as raw strings by setting name."""
     environ = os.environ if environ is None else environ
-    return {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    found = {}
+    for s in SETTINGS:
+        for name in reversed(s.envs):  # the setting's own name wins over its alias
+            if name in environ:
+                found[s.name] = environ[name]
+    return found
 
 
 def _show_default(name: str, value: object) -> str:
@@ -496,7 +519,11 @@ def markdown_reference() -> str:
         flag = s.option if s.flag else f"{s.option} {s.metavar or s.name.upper()}"
         if s.repeatable:
             flag += " (repeatable)"
+        env = f"`{s.env}`"
+        if s.alias is not None:
+            flag += f"`, `{s.options[1]} {s.metavar or s.name.upper()}"
+            env += f", `{s.envs[1]}`"
         default = _show_default(s.name, s.default).replace("|", "\\|")
         meaning = s.help.replace("|", "\\|")
-        lines.append(f"| `{s.name}` | `{flag}` | `{s.env}` | `{default}` | {meaning} |")
+        lines.append(f"| `{s.name}` | `{flag}` | {env} | `{default}` | {meaning} |")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = ["BlockingPool", "is_blocking_handler"]
 
+# At shutdown, how long handler threads still running may take to return.
+CLOSE_TIMEOUT = 5.0
+# A blocking datagram handler's sendto waits for room in slices this long.
+SEND_WAIT = 1.0
+
 logger = logging.getLogger("sockserve.blocking")
 
 _SOCKETSERVER_MODULES = frozenset({"socketserver", "sockserve.socketserver"})
@@ -95,7 +100,7 @@ class BlockingDatagramSocket:
             try:
                 return self._sock.sendto(data, *args)
             except BlockingIOError:
-                select.select([], [self._sock], [], 1.0)
+                select.select([], [self._sock], [], SEND_WAIT)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -234,7 +239,7 @@ class BlockingPool:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
 
-    async def close(self, timeout: float = 5.0) -> None:
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Wait (bounded) for running handlers to return."""
         done = asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
         try:

@@ -76,7 +76,7 @@ def _serve(handler: str | type, settings: Settings) -> int:
     except (HandlerKindError, HandlerImportError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        logging.getLogger("sockserve.server").error("%s", exc)
+        logging.getLogger("sockserve.cli").error("%s", exc)
         return 1
     return 0
 

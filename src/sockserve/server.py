@@ -41,6 +41,15 @@ DATAGRAM_BATCH = 64
 # Async datagram handlers running at once per listener before reading pauses.
 DATAGRAM_CONCURRENCY = 1024
 PROXY_PEEK = 16 + 4096
+# Past the graceful timeout, connections get this long to close gracefully (our end of
+# stream sent, their last bytes read) before they are aborted.
+LINGER_BEFORE_ABORT = 1.0
+# The housekeeping sweep runs about ten times per shortest timeout, within these bounds.
+SWEEPS_PER_TIMEOUT = 10
+SWEEP_MIN_INTERVAL = 0.05
+SWEEP_MAX_INTERVAL = 1.0
+# A handshake left no time by the PROXY header still gets this long.
+MIN_HANDSHAKE_LEFT = 0.001
 
 
 class _StreamListener:
@@ -327,7 +336,7 @@ class Server:
             for conn in list(ledger.connections):
                 conn._linger("server shutdown")
             self.kind.release_all()
-            await ledger.wait_idle(self.loop.time() + 1.0)
+            await ledger.wait_idle(self.loop.time() + LINGER_BEFORE_ABORT)
             for conn in list(ledger.connections):
                 conn._abort("server shutdown")
         await self._finish()
@@ -447,9 +456,9 @@ class Server:
         if self.ledger.admission is not None and not self._admit(conn, real, listener):
             return
         left = self.settings.handshake_timeout - (self.loop.time() - started)
-        self._serve(conn, real, listener, header, max(left, 0.001))
+        self._serve(conn, real, listener, header, max(left, MIN_HANDSHAKE_LEFT))
 
-    async def _proxy_header(self, conn: socket.socket) -> Any:
+    async def _proxy_header(self, conn: socket.socket) -> ProxyHeader:
         """Read exactly the header's bytes (peeking first), so what follows stays unread."""
         from sockserve.proxy_protocol import parse_prefix
 
@@ -501,7 +510,9 @@ class Server:
 
     def _schedule_sweep(self) -> None:
         timeouts = [t for t in (self.settings.idle_timeout, self.settings.line_timeout) if t]
-        interval = min(1.0, max(0.05, min(timeouts) / 10)) if timeouts else 1.0
+        interval = SWEEP_MAX_INTERVAL
+        if timeouts:
+            interval = min(interval, max(SWEEP_MIN_INTERVAL, min(timeouts) / SWEEPS_PER_TIMEOUT))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
@@ -524,7 +535,7 @@ class Server:
 
     async def _start_metrics(self) -> None:
         """Serve /metrics: our own listener, or the supervisor's shared one."""
-        from sockserve.observability import Metrics, MetricsEndpoint
+        from sockserve.observability import MetricsEndpoint
 
         if self.metrics is None:
             self.metrics = Metrics()

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sockserve.framing import DEFAULT_MAX_LINE
+
 __all__ = ["SETTINGS", "Setting", "Settings", "SettingsError", "env_settings", "markdown_reference"]
 
 ENV_PREFIX = "SOCKSERVE_"
@@ -286,7 +288,7 @@ class Settings:
         alias="message_timeout",
     )
     max_line: int = _setting(
-        65536,
+        DEFAULT_MAX_LINE,
         byte_size,
         "Longest line a line or stream handler reads; a longer one closes the connection.",
         metavar="BYTES",

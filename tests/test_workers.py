@@ -158,10 +158,13 @@ def test_sighup_reload_loses_no_connection_and_loads_new_code(
     assert load.failed == []
     assert load.ok > 0
     assert any(reply.startswith(b"v2 ") for reply in load.replies)
-    # The connection opened before the reload is still served by its old worker.
-    long_lived.sendall(b"after\n")
-    assert read_line(long_lived).startswith(b"v1 ")
+    # The connection opened before the reload was idle: its old worker ended it at once
+    # (goodbye-first), and the client reconnects to the new code.
+    assert read_line(long_lived) == b""
     long_lived.close()
+    with socket.create_connection(address, timeout=5) as again:
+        again.sendall(b"after\n")
+        assert read_line(again).startswith(b"v2 ")
     wait_for(lambda: not old & set(worker_pids(server)), server)
     server.signal(signal.SIGTERM)
     assert server.wait() == 0

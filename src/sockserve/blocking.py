@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from sockserve.lifecycle import age_jitter
+
 if TYPE_CHECKING:
     from sockserve.binding import Listener
     from sockserve.lifecycle import ConnectionLedger
@@ -32,6 +34,8 @@ __all__ = ["BlockingPool", "is_blocking_handler"]
 CLOSE_TIMEOUT = 5.0
 # A blocking datagram handler's sendto waits for room in slices this long.
 SEND_WAIT = 1.0
+# A handler ended goodbye-first reads and drops its peer's last bytes this long at most.
+LINGER_TIMEOUT = 5.0
 
 logger = logging.getLogger("sockserve.blocking")
 
@@ -123,7 +127,9 @@ class BlockingPool:
         self.threads = threads
         self.busy = 0  # touched only in the event loop thread
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="sockserve-handler")
-        self._active: set[socket.socket] = set()
+        self._active: dict[socket.socket, float] = {}  # socket: when it was accepted
+        self._ended: dict[socket.socket, str] = {}  # told to end goodbye-first: why
+        self._draining = False  # the server is stopping: every connection ends
         self._lock = threading.Lock()
         self._count = settings.access_log or settings.metrics is not None
 
@@ -158,7 +164,7 @@ class BlockingPool:
         reason = "eof"
         request: socket.socket = conn
         with self._lock:
-            self._active.add(conn)
+            self._active[conn] = started
         try:
             conn.setblocking(True)
             if context is not None:
@@ -177,7 +183,14 @@ class BlockingPool:
             handler = cls.__new__(cls)
             handler.proxy = proxy  # before __init__, which runs setup/handle/finish
             handler.listener = listener.url
+            if self._draining:  # accepted from the backlog while stopping
+                self._end(conn, "server shutdown")
             handler.__init__(request, address, self.server)
+            with self._lock:
+                ended = self._ended.pop(conn, None)
+            if ended is not None:
+                reason = ended
+                self._goodbye(handler, request)
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
             reason = "idle timeout"
             ledger.idle_log("closing %s: idle for %.1f s", address, settings.idle_timeout)
@@ -189,7 +202,8 @@ class BlockingPool:
             ledger.call_from_thread(ledger.handler_failed, address, exc)
         finally:
             with self._lock:
-                self._active.discard(conn)
+                self._active.pop(conn, None)
+                self._ended.pop(conn, None)
             with contextlib.suppress(OSError):
                 request.shutdown(socket.SHUT_WR)  # as socketserver's shutdown_request
             request.close()
@@ -231,6 +245,51 @@ class BlockingPool:
         self.busy -= 1
         if was_full:
             self.ledger.capacity_changed()
+
+    def _goodbye(self, handler: Any, request: socket.socket) -> None:
+        """After a handler ended by the server returns: its ``handle_shutdown`` (what it
+        returns is sent), our end of stream, then the peer's last bytes read and dropped so
+        that closing sends no reset."""
+        hook = getattr(handler, "handle_shutdown", None)
+        result = hook() if hook is not None else None
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            request.sendall(result)
+        request.shutdown(socket.SHUT_WR)
+        request.settimeout(LINGER_TIMEOUT)
+        deadline = time.monotonic() + LINGER_TIMEOUT
+        with contextlib.suppress(OSError):
+            while request.recv(65536) and time.monotonic() < deadline:
+                pass
+
+    def _end(self, conn: socket.socket, reason: str) -> None:
+        """End a connection goodbye-first: a handler waiting in recv with nothing unread
+        sees end of input at once, a busy one once it has read what was sent."""
+        with self._lock:
+            if conn not in self._active or conn in self._ended:
+                return
+            self._ended[conn] = reason
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RD)
+
+    def drain(self, spread: float) -> None:
+        """The server is stopping: end every connection goodbye-first (spread evenly over
+        ``spread`` seconds), and every one accepted from now on."""
+        self._draining = True
+        with self._lock:
+            conns = list(self._active)
+        loop = self.ledger.loop
+        for i, conn in enumerate(conns):
+            if spread and i:
+                loop.call_later(spread * i / len(conns), self._end, conn, "server shutdown")
+            else:
+                self._end(conn, "server shutdown")
+
+    def end_aged(self, now: float, age: float) -> None:
+        """End goodbye-first the connections older than ``age`` (with their jitter)."""
+        with self._lock:
+            aged = [c for c, t in self._active.items() if now - t >= age * age_jitter(id(c))]
+        for conn in aged:
+            self._end(conn, "max connection age")
 
     def release_all(self) -> None:
         """Unblock handlers stuck reading: their sockets see end of stream (shutdown time)."""

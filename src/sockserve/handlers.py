@@ -9,7 +9,9 @@ whose names start with ``_`` are the framework's; handlers use the public ones:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import inspect
+import termios
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,6 +39,12 @@ READ_AHEAD = 256 * 1024
 # Above this many buffered outgoing bytes the peer counts as not reading: the server
 # stops reading from it (line handlers) or drain() waits (stream handlers).
 WRITE_HIGH_WATER = 256 * 1024
+# A connection ended goodbye-first whose peer does not close after our end of stream is
+# cut after this long.
+LINGER_TIMEOUT = 5.0
+
+# How far a connection is in being ended goodbye-first (stop, reload, max age).
+_SERVING, _ENDING, _ENDED = 0, 1, 2  # ENDING: at the end of the current request
 
 
 class _Connection(asyncio.Protocol):
@@ -47,6 +55,7 @@ class _Connection(asyncio.Protocol):
         "_close_reason",
         "_closed",
         "_drain_waiter",
+        "_ending",
         "_eof",
         "_idle_since",
         "_ledger",
@@ -81,6 +90,7 @@ class _Connection(asyncio.Protocol):
     _reading_paused: bool  # we stopped reading from the peer (see _set_reading)
     _writing_paused: bool
     _drain_waiter: asyncio.Future[None] | None
+    _ending: int  # _SERVING, _ENDING or _ENDED
     _opened: float
     _idle_since: float | None  # when the idle sweep last saw bytes move
     _seen_in: int
@@ -102,6 +112,7 @@ class _Connection(asyncio.Protocol):
         self._close_reason = None
         self._closed = self._eof = self._reading_paused = self._writing_paused = False
         self._drain_waiter = None
+        self._ending = _SERVING
         self._opened = 0.0
         self._idle_since = None
         self._line_seen = None
@@ -112,6 +123,13 @@ class _Connection(asyncio.Protocol):
 
     def finish(self) -> Any:
         """Called once the connection is over, whatever the reason."""
+
+    def handle_shutdown(self) -> Any:
+        """The server ends this connection (stop, reload, ``--max-connection-age``) while
+        it is idle or once its current request is done: say goodbye. Plain or async; a
+        message or line handler's return value is sent like a reply, a stream handler may
+        write()."""
+        return None
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (see ``drain`` for backpressure)."""
@@ -137,6 +155,80 @@ class _Connection(asyncio.Protocol):
     def _waiting_for(self) -> str:
         """What ``_unfinished_line`` counts the bytes of: a line or a message."""
         return "line"
+
+    # -- goodbye-first ending ----------------------------------------------------------
+
+    def _idle(self) -> bool:
+        """No unfinished input buffered, no handler call running, nothing to answer."""
+        return True
+
+    def _end(self, reason: str) -> None:
+        """End this connection goodbye-first: now if idle, else once its current request
+        is done (the kind's code calls ``_goodbye`` then)."""
+        if self._closed or self._ending:
+            return
+        self._set_reason(reason)
+        self._ending = _ENDING
+        if self._idle() and not self._input_pending():
+            self._goodbye()
+
+    def _input_pending(self) -> bool:
+        """Bytes the peer sent that we have not read yet (a request racing the end, or
+        sent from the backlog before we accepted): they are answered before the goodbye."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return unread != b"\0\0\0\0"
+
+    def _goodbye(self) -> None:
+        """Run ``handle_shutdown``, send what it returns, then end the connection."""
+        self._ending = _ENDED
+        try:
+            result = self.handle_shutdown()
+        except Exception as exc:
+            self._handler_error(exc)
+            return
+        if inspect.isawaitable(result):
+            self._ledger.spawn(self._goodbye_async(result))
+        else:
+            self._said_goodbye(result)
+
+    async def _goodbye_async(self, hook: Awaitable[Any]) -> None:
+        try:
+            result = await hook
+        except Exception as exc:
+            self._handler_error(exc)
+            return
+        self._said_goodbye(result)
+
+    def _said_goodbye(self, result: Any) -> None:
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            self.write(bytes(result))
+        self._linger(self._close_reason or "server shutdown")
+
+    def _linger(self, reason: str) -> None:
+        """Close gracefully: send what is queued and our end of stream, then read and drop
+        the peer's last bytes until it closes (closing with unread input sends a reset),
+        for LINGER_TIMEOUT at most."""
+        self._set_reason(reason)
+        transport = self._transport
+        if self._closed or transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS: its close_notify is the end of stream
+            transport.close()
+            return
+        transport.set_protocol(_Lingering(self))
+        transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self._cut_lingering)
+
+    def _cut_lingering(self) -> None:
+        if not self._closed:
+            self._transport.abort()
 
     def _set_reason(self, reason: str) -> None:
         if self._close_reason is None:
@@ -187,20 +279,6 @@ class _Connection(asyncio.Protocol):
             self._ledger.idle_log("closing %s: idle for %.1f s", self.client_address, idle)
             return "idle timeout"
         return None
-
-    def _linger(self, reason: str) -> None:
-        """Close gracefully: send what is queued and our end of stream, then read and drop
-        the peer's last bytes until it closes (closing with unread input sends a reset)."""
-        self._set_reason(reason)
-        transport = self._transport
-        if self._closed or transport.is_closing():
-            return
-        if not transport.can_write_eof():  # TLS: its close_notify is the end of stream
-            transport.close()
-            return
-        transport.set_protocol(_Lingering(self))
-        transport.write_eof()
-        transport.resume_reading()
 
     def _handler_error(self, exc: BaseException) -> None:
         self._ledger.handler_failed(self.client_address, exc)
@@ -350,6 +428,23 @@ class MessageHandler(_Connection):
             self.setup()
         except Exception as exc:
             self._handler_error(exc)
+            return
+        if self._ledger.stopping:  # accepted from the backlog while stopping
+            self._end("server shutdown")
+
+    def _idle(self) -> bool:
+        framer = self._framer
+        return self._task is None and (framer is None or framer.empty)
+
+    def _end(self, reason: str) -> None:
+        if not self._closed and not self._ending:
+            self._fast = False  # the framer's path answers the current request, then ends
+        super()._end(reason)
+
+    def _said_goodbye(self, result: Any) -> None:
+        if result is not None:
+            self.send(result)
+        self._linger(self._close_reason or "server shutdown")
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -374,6 +469,8 @@ class MessageHandler(_Connection):
 
     def _buffer_data(self, data: bytes) -> None:
         """Through the framer: messages in pieces, several in a chunk, or async handlers."""
+        if self._ending == _ENDED:  # saying goodbye (the fast path is off by now)
+            return
         framer = self._framer
         if framer is None:
             framer = self._framer = self._new_framer()
@@ -400,9 +497,14 @@ class MessageHandler(_Connection):
                 break
             if not self._answer(message):
                 return
+            if self._ending:  # its current request is answered: the rest is not
+                framer.take_buffer()
+                break
         if framer.empty:
             self._framer = None
             self._fast = True
+            if self._ending == _ENDING:
+                self._goodbye()
 
     def _answer(self, message: bytes) -> bool:
         """Hand one message to the sync handler and send its reply; False once it raised."""
@@ -431,6 +533,8 @@ class MessageHandler(_Connection):
                 if reply is not None:
                     self.send(reply)
                     await self._wait_writable()
+                if self._ending:  # its current request is answered: the rest is not
+                    break
                 self._update_reading()
         except ProtocolError as exc:
             self._protocol_error(exc)
@@ -438,7 +542,10 @@ class MessageHandler(_Connection):
             self._handler_error(exc)
         finally:
             self._task = None
-        if self._eof and not self._closed:
+        if self._ending == _ENDING and not self._closed:
+            framer.take_buffer()  # requests after the current one are not answered
+            self._goodbye()
+        elif self._eof and not self._closed:
             self._transport.close()
 
     def _update_reading(self) -> None:
@@ -625,6 +732,23 @@ class StreamHandler(_Connection):
     async def handle(self) -> None:
         """Serve the connection; return to close it."""
 
+    def _idle(self) -> bool:
+        framer = self._framer
+        return (
+            self._waiter is not None
+            and (framer is None or framer.empty)
+            and not self._reading_paused
+        )
+
+    def _said_goodbye(self, result: Any) -> None:
+        """The hook ran: the pending read (and every later one) sees the end of input."""
+        if isinstance(result, (bytes, bytearray, memoryview)):
+            self.write(bytes(result))
+        self._eof = True
+        self._framer = None
+        self._set_reading(True)
+        self._fulfil()
+
     def _unfinished_line(self) -> int:
         framer = self._framer
         waiting = (
@@ -641,6 +765,8 @@ class StreamHandler(_Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._loop = loop = asyncio.get_running_loop()
+        if self._ledger.stopping:  # accepted from the backlog while stopping
+            self._end("server shutdown")
         if self._simple_hooks:
             try:
                 self.setup()
@@ -695,13 +821,17 @@ class StreamHandler(_Connection):
 
     def _close_after_handler(self) -> None:
         self._task = None
-        if not self._closed:
+        if self._ending == _ENDED:
+            self._linger(self._close_reason or "server shutdown")
+        elif not self._closed:
             self._set_reason("closed by handler")
             self._transport.close()
 
     # Protocol side
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._ending == _ENDED:  # saying goodbye: the handler sees the end of input
+            return
         waiter = self._waiter
         framer = self._framer
         if framer is None:
@@ -815,6 +945,8 @@ class StreamHandler(_Connection):
             self._waiter = future
             if self._reading_paused:
                 self._set_reading(True)
+            if self._ending == _ENDING and self._idle() and not self._input_pending():
+                self._goodbye()
         return future
 
     # Handler side
@@ -826,6 +958,8 @@ class StreamHandler(_Connection):
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._want = _LINE
         self._waiter = future
+        if self._ending == _ENDING and not self._input_pending():
+            self._goodbye()
         return future
 
     def read(self, n: int = -1) -> Awaitable[bytes]:

@@ -85,6 +85,14 @@ class HandlerKind:
     def release_all(self) -> None:
         """Shutdown, past the graceful timeout: unblock handlers stuck reading."""
 
+    def drain(self, spread: float) -> None:
+        """Shutdown: end what the kind serves outside the ledger's connections
+        goodbye-first, spread over ``spread`` seconds."""
+
+    def end_aged(self, now: float, age: float) -> None:
+        """End goodbye-first what the kind serves outside the ledger's connections that
+        is older than ``age`` seconds (``now`` is time.monotonic())."""
+
     async def close(self) -> None:
         """Wait (bounded) for what the kind runs outside the event loop."""
 
@@ -223,6 +231,12 @@ class BlockingKind(HandlerKind):
 
     def release_all(self) -> None:
         self.pool.release_all()
+
+    def drain(self, spread: float) -> None:
+        self.pool.drain(spread)
+
+    def end_aged(self, now: float, age: float) -> None:
+        self.pool.end_aged(now, age)
 
     async def close(self) -> None:
         await self.pool.close()

@@ -24,10 +24,16 @@ from sockserve.settings import Settings
 if TYPE_CHECKING:
     from sockserve.handlers import _Connection
 
-__all__ = ["ConnectionLedger", "RateLimitedLog"]
+__all__ = ["ConnectionLedger", "RateLimitedLog", "age_jitter"]
 
 # Connection events (refusals, timeouts, handler errors) are the server's to report.
 logger = logging.getLogger("sockserve.server")
+
+
+def age_jitter(seed: int) -> float:
+    """A factor in [0.9, 1.1] fixed for each connection (its id), so connections opened
+    together do not all reach --max-connection-age together."""
+    return 0.9 + ((seed * 2654435761) >> 7) % 1001 / 5000
 
 
 class RateLimitedLog:
@@ -72,6 +78,8 @@ class ConnectionLedger:
         self.capacity_changed = capacity_changed
         self.max_connections = settings.max_connections
         self.access_log = settings.access_log
+        # Connections note when they opened for the access log and --max-connection-age.
+        self.stamp_opened = settings.access_log or bool(settings.max_connection_age)
         self.stats = Stats()
         self.open = 0  # accepted and not yet closed, handshaking ones included
         self.connections: set[_Connection] = set()  # async connections with a transport
@@ -104,7 +112,7 @@ class ConnectionLedger:
     def opened(self, conn: _Connection) -> float:
         """An async connection has its transport; returns its start time (access log)."""
         self.connections.add(conn)
-        return time.monotonic() if self.access_log else 0.0
+        return time.monotonic() if self.stamp_opened else 0.0
 
     def lost(self, conn: _Connection) -> None:
         """An async connection's transport is gone (``closed`` follows)."""

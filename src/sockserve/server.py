@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from sockserve import binding
 from sockserve.admission import Pacer
 from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError, kind_of
-from sockserve.lifecycle import ConnectionLedger
+from sockserve.lifecycle import ConnectionLedger, age_jitter
 from sockserve.observability import Metrics, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
@@ -312,7 +313,12 @@ class Server:
             )
         if settings.metrics:
             await self._start_metrics()
-        if settings.idle_timeout or settings.line_timeout or self.metrics is not None:
+        if (
+            settings.idle_timeout
+            or settings.line_timeout
+            or settings.max_connection_age
+            or self.metrics is not None
+        ):
             self._schedule_sweep()
 
     async def wait_closed(self) -> None:
@@ -330,6 +336,7 @@ class Server:
             ledger.stopping = True
             self._stop_accepting()
         deadline = self.loop.time() + timeout
+        self._drain("server shutdown")
         await ledger.wait_idle(deadline)
         if ledger.open:
             logger.info("graceful timeout: closing %d connection(s)", ledger.open)
@@ -340,6 +347,18 @@ class Server:
             for conn in list(ledger.connections):
                 conn._abort("server shutdown")
         await self._finish()
+
+    def _drain(self, reason: str) -> None:
+        """Goodbye-first: end each connection now if idle, else once its current request is
+        done; with --close-spread, at times spread evenly over that window."""
+        conns = list(self.ledger.connections)
+        spread = self.settings.close_spread
+        for i, conn in enumerate(conns):
+            if spread and i:
+                self.loop.call_later(spread * i / len(conns), conn._end, reason)
+            else:
+                conn._end(reason)
+        self.kind.drain(spread)
 
     def reload_tls(self) -> None:
         """Re-read the certificate and key for connections accepted from now on."""
@@ -509,7 +528,12 @@ class Server:
     # -- housekeeping --------------------------------------------------------------------
 
     def _schedule_sweep(self) -> None:
-        timeouts = [t for t in (self.settings.idle_timeout, self.settings.line_timeout) if t]
+        settings = self.settings
+        timeouts = [
+            t
+            for t in (settings.idle_timeout, settings.line_timeout, settings.max_connection_age)
+            if t
+        ]
         interval = SWEEP_MAX_INTERVAL
         if timeouts:
             interval = min(interval, max(SWEEP_MIN_INTERVAL, min(timeouts) / SWEEPS_PER_TIMEOUT))
@@ -525,9 +549,21 @@ class Server:
             for conn in list(self.ledger.connections):
                 if (reason := conn._check_timeouts(now, idle_timeout, line_timeout)) is not None:
                     conn._abort(reason)
+        if self.settings.max_connection_age:
+            self._end_aged()
         if self.metrics is not None:
             self.metrics.flush(self.stats, self.ledger.open)
         self._schedule_sweep()
+
+    def _end_aged(self) -> None:
+        """End connections past --max-connection-age (each with its own jitter) the way a
+        stop does: goodbye first, once idle."""
+        age = self.settings.max_connection_age
+        now = time.monotonic()
+        for conn in list(self.ledger.connections):
+            if not conn._ending and now - conn._opened >= age * age_jitter(id(conn)):
+                conn._end("max connection age")
+        self.kind.end_aged(now, age)
 
     def _flush_metrics(self) -> None:
         assert self.metrics is not None

@@ -60,3 +60,15 @@ class Blocking(socketserver.StreamRequestHandler):
 
     def handle_shutdown(self) -> bytes:
         return GOODBYE
+
+
+class Message(sockserve.MessageHandler):
+    """Length-prefixed messages: its goodbye is framed like any reply."""
+
+    framing = sockserve.LengthPrefixed("!I")
+
+    def handle_message(self, message: bytes) -> bytes:
+        return message.upper()
+
+    def handle_shutdown(self) -> bytes:
+        return b"goodbye"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ServerProcess, host_port
-from goodbye_handlers import GOODBYE, Blocking, Line, Stream, SyncLine
+from goodbye_handlers import GOODBYE, Blocking, Line, Message, Stream, SyncLine
 from serving import LOOPS, read_line, serving
 
 HANDLERS = [Line, SyncLine, Stream, Blocking]
@@ -164,3 +165,12 @@ def test_a_request_racing_the_goodbye_is_answered_or_told_goodbye_never_reset(
         finally:
             stopper.join(15)
     assert set(received) <= {GOODBYE, b"RACE\n" + GOODBYE}
+
+
+def test_a_message_handler_goodbye_is_framed_like_a_reply(clients: list[socket.socket]) -> None:
+    with serving(Message, max_connection_age=0.5) as server:
+        sock = socket.create_connection(server.address, timeout=10)
+        clients.append(sock)
+        sock.sendall(struct.pack("!I", 2) + b"hi")
+        received, _ = read_to_eof(clients, timeout=10)
+    assert received == [struct.pack("!I", 2) + b"HI" + struct.pack("!I", 7) + b"goodbye"]

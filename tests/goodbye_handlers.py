@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socketserver
 import time
 
@@ -72,3 +73,13 @@ class Message(sockserve.MessageHandler):
 
     def handle_shutdown(self) -> bytes:
         return b"goodbye"
+
+
+class Instance(sockserve.LineHandler):
+    """Answers with its process id, so a client can tell which instance served it."""
+
+    def handle_line(self, line: bytes) -> bytes:
+        return b"%d %s" % (os.getpid(), line.upper())
+
+    def handle_shutdown(self) -> bytes:
+        return GOODBYE

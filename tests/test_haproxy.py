@@ -179,3 +179,40 @@ def test_haproxy_header_parses_as_haproxy_sends_it(tmp_path: Path, haproxy: obje
     assert header is not None and header.version == 2 and header.command == "PROXY"
     assert isinstance(header.source, tuple) and header.source[0] == CLIENT_IP
     assert data[header.length :] == b"payload\n"
+
+
+@pytest.mark.parametrize("handler", [Who, BlockingWho], ids=lambda h: h.__name__)
+def test_per_client_limit_applies_to_each_real_client_behind_haproxy(
+    haproxy: object, handler: type
+) -> None:
+    """Every connection reaches sockserve from HAProxy's address; the limit must count
+    the client the PROXY header names instead."""
+    with serving(handler, "asyncio", proxy_protocol="v1", max_connections_per_ip=3) as server:
+        port = server.address[1]
+        proxy = haproxy({"v1": f"127.0.0.1:{port} send-proxy"})  # type: ignore[operator]
+        front = proxy.frontends["v1"].getsockname()
+        opened: list[socket.socket] = []
+
+        def client(source: str) -> socket.socket:
+            sock = socket.socket()
+            opened.append(sock)
+            sock.settimeout(5)
+            sock.bind((source, 0))
+            sock.connect(front)
+            return sock
+
+        try:
+            first = [client(CLIENT_IP) for _ in range(3)]
+            for sock in first:
+                sock.sendall(b"who\n")
+                assert read_line(sock).startswith(CLIENT_IP.encode())
+            fourth = client(CLIENT_IP)
+            fourth.sendall(b"who\n")
+            assert closed_by_server(fourth)
+            other = client("127.0.0.3")
+            other.sendall(b"who\n")
+            assert read_line(other).startswith(b"127.0.0.3")
+        finally:
+            for sock in opened:
+                sock.close()
+        assert server.server.stats.rejected_by_reason["too many connections from client"] == 1

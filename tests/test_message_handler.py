@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trustme
@@ -55,33 +55,36 @@ def loop(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def handler_for(framing: Framing, kind: str) -> type:
-    """An upper-casing handler of ``kind`` (sync, async or stream) speaking ``framing``."""
+def handler_for(chosen: Framing, kind: str) -> type:
+    """An upper-casing handler of ``kind`` (sync, async or stream) speaking ``chosen``."""
     if kind == "sync":
 
         class Sync(MessageHandler):
+            framing = chosen
+
             def handle_message(self, message: bytes) -> bytes:
                 return message.upper()
 
-        Sync.framing = framing
         return Sync
     if kind == "async":
 
         class Async(MessageHandler):
+            framing = chosen
+
             async def handle_message(self, message: bytes) -> bytes:
                 await asyncio.sleep(0)
                 return message.upper()
 
-        Async.framing = framing
         return Async
 
     class Stream(StreamHandler):
+        framing = chosen
+
         async def handle(self) -> None:
             while (message := await self.read_message()) is not None:
                 self.write_message(message.upper())
                 await self.drain()
 
-    Stream.framing = framing
     return Stream
 
 
@@ -409,11 +412,12 @@ def test_tls_and_proxy(
     framing = LengthPrefixed("!I")
 
     class Who(MessageHandler):
+        framing = LengthPrefixed("!I")
+
         def handle_message(self, message: bytes) -> bytes:
             host: str = self.client_address[0]
             return message + b" from " + host.encode()
 
-    Who.framing = framing
     handler = Who if kind == "sync" else handler_for(framing, kind)
     if proxy:
         settings = {**settings, "proxy_protocol": "v1"}
@@ -452,3 +456,43 @@ def test_line_handler_is_a_message_handler(loop: str) -> None:
             assert read_line(sock) == b"> a\n"
             sock.sendall(b"\n")
             assert read_line(sock) == b"> b\n"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_whole_message_over_the_limit_in_one_chunk_is_refused(
+    loop: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The one-message fast path checks the limit too."""
+    framing = LengthPrefixed("!H", max_size=10)
+    with serving(handler_for(framing, kind), loop) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(struct.pack("!H", 11) + b"x" * 11)
+            assert closed_by_server(sock)
+    assert "message longer than 10 bytes" in caplog.text
+
+
+class Base(MessageHandler):
+    framing: ClassVar[Framing] = LengthPrefixed("!H")
+
+    def handle_message(self, message: bytes) -> bytes:
+        return message[::-1]
+
+
+class Derived(Base):
+    framing = Netstring()
+
+
+class Lower(LineHandler):
+    def handle_line(self, line: bytes) -> bytes:
+        return line.lower()
+
+
+@pytest.mark.parametrize("handler", [Base, Derived, Lower], ids=lambda h: h.__name__)
+def test_each_class_reads_its_own_framing(loop: str, handler: type[MessageHandler]) -> None:
+    """A subclass that changes the framing gets the receive path of its own framing."""
+    framing = handler.framing
+    with serving(handler, loop) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(framing.encode(b"AbC\n" if handler is Lower else b"abc"))
+            expected = b"abc\n" if handler is Lower else b"cba"
+            assert read_message(sock, framing, bytearray()) == expected

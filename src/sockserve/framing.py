@@ -470,7 +470,7 @@ class LengthPrefixed(Framing):
     a 1- or 2-byte header can announce if that is less.
     """
 
-    __slots__ = ("_header", "_pack", "_unpack", "fmt", "includes_header")
+    __slots__ = ("_pack", "_unpack", "fmt", "header", "includes_header")
 
     def __init__(
         self, fmt: str = "!I", max_size: int | None = None, includes_header: bool = False
@@ -479,10 +479,10 @@ class LengthPrefixed(Framing):
             raise ValueError(f"length format {fmt!r} is not one of B, H, I, Q after !, > or <")
         self.fmt = fmt
         self.includes_header = includes_header
-        self._header = struct.Struct(fmt)
-        self._pack = self._header.pack
-        self._unpack = self._header.unpack_from
-        most = (1 << (8 * self._header.size)) - 1 - (self._header.size if includes_header else 0)
+        self.header = struct.Struct(fmt)  # the length header
+        self._pack = self.header.pack
+        self._unpack = self.header.unpack_from
+        most = (1 << (8 * self.header.size)) - 1 - (self.header.size if includes_header else 0)
         if max_size is None:
             max_size = min(DEFAULT_MAX_MESSAGE, most)
         if not 0 <= max_size <= most:
@@ -494,18 +494,18 @@ class LengthPrefixed(Framing):
         return f"LengthPrefixed({self.fmt!r}, max_size={self.max_size}{extra})"
 
     def framer(self) -> LengthFramer:
-        return LengthFramer(self._header, self.max_size, self.includes_header)
+        return LengthFramer(self.header, self.max_size, self.includes_header)
 
     def encode(self, payload: bytes) -> bytes:
         size = len(payload)
         if size > self.max_size:
             raise ValueError(f"a {size}-byte message is over max_size {self.max_size}")
         if self.includes_header:
-            size += self._header.size
+            size += self.header.size
         return self._pack(size) + payload
 
     def whole(self, data: bytes) -> bytes | None:
-        header = self._header.size
+        header = self.header.size
         if len(data) < header:
             return None
         size = self._unpack(data)[0]

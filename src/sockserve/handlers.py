@@ -20,6 +20,7 @@ from sockserve.framing import (
     Framer,
     FrameTooLong,
     Framing,
+    LengthPrefixed,
     LineFramer,
     Lines,
     LineTooLong,
@@ -398,6 +399,13 @@ class MessageHandler(_Connection):
             )
         cls._handle = cls._handler()
         cls._async = inspect.iscoroutinefunction(cls._handle)
+        # A class whose data_received is the framework's gets the one for its framing.
+        if getattr(cls.data_received, "_for_framing", False):
+            framing = cls.framing
+            receive: Callable[[Any, bytes], None] = MessageHandler._any_data_received
+            if isinstance(framing, LengthPrefixed):
+                receive = _length_prefixed_data_received(framing)
+            cls.data_received = receive  # type: ignore[method-assign,assignment]
 
     @classmethod
     def _handler(cls) -> Callable[[Any, bytes], Any]:
@@ -450,6 +458,7 @@ class MessageHandler(_Connection):
         self.bytes_in += len(data)
         # Fast path: nothing buffered and the chunk is exactly one message, the usual case
         # for request/response traffic. Same outcome as the framer, without its calls.
+        # (Subclasses get this, or one made for their framing: see __init_subclass__.)
         if self._fast:
             framing = self.framing
             message = framing.whole(data)
@@ -466,6 +475,9 @@ class MessageHandler(_Connection):
                     self._transport.write(reply)
                 return
         self._buffer_data(data)
+
+    data_received._for_framing = True  # type: ignore[attr-defined]
+    _any_data_received = data_received
 
     def _buffer_data(self, data: bytes) -> None:
         """Through the framer: messages in pieces, several in a chunk, or async handlers."""
@@ -603,6 +615,43 @@ class MessageHandler(_Connection):
 
 
 MessageHandler._handle = MessageHandler.handle_message  # the base class serves too: an echo
+
+
+def _length_prefixed_data_received(framing: LengthPrefixed) -> Callable[[Any, bytes], None]:
+    """MessageHandler.data_received for one length-prefixed framing: the header parsed and
+    the reply framed inline, the framing's numbers in closure cells rather than looked up
+    per request (this is the per-request cost of every length-prefixed server)."""
+    size = framing.header.size
+    unpack, pack, encode = framing.header.unpack_from, framing.header.pack, framing.encode
+    adjust = size if framing.includes_header else 0
+    limit = framing.max_size
+
+    def data_received(self: MessageHandler, data: bytes) -> None:
+        self.bytes_in += len(data)
+        # Fast path: nothing buffered and the chunk is exactly one message within the limit.
+        if (
+            self._fast
+            and len(data) >= size
+            and unpack(data)[0] - adjust == len(data) - size <= limit
+        ):
+            try:
+                reply = self._handle(data[size:])
+                if reply is not None:
+                    # encode raises for a reply over the limit: a handler error
+                    reply = (
+                        pack(len(reply) + adjust) + reply if len(reply) <= limit else encode(reply)
+                    )
+            except Exception as exc:
+                self._handler_error(exc)
+                return
+            if reply is not None:
+                self.bytes_out += len(reply)
+                self._transport.write(reply)
+            return
+        self._buffer_data(data)
+
+    data_received._for_framing = True  # type: ignore[attr-defined]
+    return data_received
 
 
 class LineHandler(MessageHandler):

@@ -653,6 +653,8 @@ def idle_table(data: dict[str, Any], point: str) -> list[str]:
 TARGETS_QUOTED = (
     "line handler >= 0.95x raw uvloop Protocol rps at <= 1.1x its server CPU per round trip;",
     "async stream handler >= 0.8x raw uvloop;",
+    "message handler with a 4-byte length prefix >= 0.95x the line handler's rps at <= 1.05x"
+    " its server CPU per round trip, at 64 and 1000 connections with 64-byte requests;",
     "blocking handler under sockserve run >= 0.9x stdlib ThreadingTCPServer at 64 conns;",
     "10,000 idle connections at <= 1.5x the raw uvloop server's memory per connection;",
     "1,000 simultaneous clients all served within 0.5 s;",

@@ -254,7 +254,8 @@ class Server:
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         rate = self.settings.connection_rate
-        self._pacer = Pacer(rate) if rate else None
+        # With workers, each takes its share of the rate: together they accept R a second.
+        self._pacer = Pacer(rate / self.settings.workers) if rate else None
         self._pacing = False  # waiting for the connection rate to allow the next accept
         self.metrics = metrics
         self._metrics_listener = metrics_listener

@@ -271,8 +271,8 @@ class Settings:
     connection_rate: float = _setting(
         0.0,
         rate,
-        "New connections per second this worker accepts; the rest wait in the kernel"
-        " backlog, never refused. 0: no limit.",
+        "New connections per second the server accepts (each of N workers 1/N of it); the"
+        " rest wait in the kernel backlog, never refused. 0: no limit.",
         metavar="RATE",
     )
     backlog: int = _setting(4096, positive_int, "Listen backlog (capped by net.core.somaxconn).")

@@ -131,5 +131,9 @@ def test_bind_grammar_round_trips_ip_addresses(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, scheme: str
 ) -> None:
     host = f"[{ip}]" if ip.version == 6 else str(ip)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        with pytest.raises(ValueError, match="IPv4-mapped"):
+            parse_address(f"{scheme}://{host}:{port}")
+        return
     address = parse_address(f"{scheme}://{host}:{port}")
     assert (address.host, address.port) == (str(ip), port)  # type: ignore[union-attr]

@@ -77,8 +77,12 @@ class FdAddress:
 Address = TCPAddress | UDPAddress | UnixAddress | FdAddress
 
 _HOST_PORT = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^\[\]:/\s]*)):(?P<port>\d{1,5})$"
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^\[\]:/\s]*)):(?P<port>[0-9]{1,5})$",
+    re.ASCII,
 )
+# The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).
+UNIX_PATH_MAX = 107
+FD_MAX = 2**31 - 1
 
 
 def _host_port(text: str, original: str) -> tuple[str | None, int]:
@@ -89,6 +93,21 @@ def _host_port(text: str, original: str) -> tuple[str | None, int]:
     if port > 65535:
         raise ValueError(f"{original!r}: port {port} is out of range 0-65535")
     host = match.group("v6") or match.group("host") or None
+    if host is not None and re.fullmatch(r"[0-9.]+", host, re.ASCII) and host.count(".") != 3:
+        # inet_aton would read "0" as 0.0.0.0 (every interface) and "127.1" as 127.0.0.1.
+        hint = "0.0.0.0 or :PORT for every interface" if host.strip(".0") == "" else "a.b.c.d"
+        raise ValueError(f"{original!r}: host {host!r} is not a full IPv4 address (write {hint})")
+    if match.group("v6"):
+        import ipaddress
+
+        try:
+            mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped  # type: ignore[union-attr]
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            raise ValueError(
+                f"{original!r}: an IPv4-mapped IPv6 address cannot be bound; use {mapped}:{port}"
+            )
     return host, port
 
 
@@ -104,8 +123,10 @@ def parse_address(text: str) -> Address:
         if scheme == "udp":
             return UDPAddress(*_host_port(rest, text))
         if scheme == "fd":
-            if not rest.isdigit():
+            if not re.fullmatch(r"[0-9]+", rest, re.ASCII):
                 raise ValueError(f"{text!r}: fd:// needs a descriptor number")
+            if int(rest) > FD_MAX:
+                raise ValueError(f"{text!r}: descriptor number above {FD_MAX}")
             return FdAddress(int(rest))
         raise ValueError(f"{text!r}: unknown scheme {scheme!r} (tcp, udp, unix, unix-dgram, fd)")
     for prefix, datagram in (("unix-dgram:", True), ("unix:", False)):
@@ -115,6 +136,12 @@ def parse_address(text: str) -> Address:
                 raise ValueError(f"{text!r}: missing socket path")
             if "\0" in path:
                 raise ValueError(f"{text!r}: NUL in socket path")
+            size = len(os.fsencode(path))
+            if size > UNIX_PATH_MAX:
+                raise ValueError(
+                    f"{text!r}: the socket path is {size} bytes; a Unix socket address holds"
+                    f" at most {UNIX_PATH_MAX} (use a shorter path or a relative one)"
+                )
             return UnixAddress(path, datagram)
     return TCPAddress(*_host_port(text, text))
 
@@ -271,9 +298,10 @@ def _bind_inet(
                 sock.bind(sockaddr)
             except OSError as exc:
                 shown = f"[{sockaddr[0]}]" if family == socket.AF_INET6 else sockaddr[0]
-                raise OSError(
-                    exc.errno, f"cannot bind {shown}:{sockaddr[1]}: {exc.strerror}"
-                ) from None
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.EACCES and 0 < port < 1024:
+                    reason += ": ports below 1024 need root or CAP_NET_BIND_SERVICE"
+                raise OSError(exc.errno, f"cannot bind {shown}:{sockaddr[1]}: {reason}") from None
             if not datagram:
                 sock.listen(backlog)
             sock.setblocking(False)
@@ -314,7 +342,8 @@ def _bind_unix(address: UnixAddress, backlog: int, mode: int | None) -> Listener
         try:
             sock.bind(address.sockaddr)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot bind unix:{address.path}: {exc.strerror}") from None
+            reason = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"cannot bind unix:{address.path}: {reason}") from None
         finally:
             if old_umask is not None:
                 os.umask(old_umask)

@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from sockserve import __version__
-from sockserve.settings import SETTINGS, Settings, SettingsError, env_settings, markdown_reference
+from sockserve.settings import (
+    SETTINGS,
+    Settings,
+    SettingsError,
+    env_settings,
+    help_of,
+    markdown_reference,
+    metavar_of,
+)
 
 __all__ = ["main"]
 
@@ -31,7 +39,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for s in SETTINGS:
         if s.flag:
             group.add_argument(
-                s.option, action=argparse.BooleanOptionalAction, default=None, help=s.help
+                s.option,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_of(s).replace("%", "%%"),
             )
         else:
             group.add_argument(
@@ -40,8 +51,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=s.name,
                 action="append" if s.repeatable else "store",
                 default=None,
-                metavar=s.metavar or s.name.upper(),
-                help=s.help,
+                metavar=metavar_of(s),
+                help=help_of(s).replace("%", "%%"),
             )
 
 
@@ -76,9 +87,15 @@ def _serve(handler: str | type, settings: Settings) -> int:
     except (HandlerKindError, HandlerImportError) as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        logging.getLogger("sockserve.cli").error("%s", exc)
+        logging.getLogger("sockserve.cli").error("%s", os_error_text(exc))
         return 1
     return 0
+
+
+def os_error_text(exc: OSError) -> str:
+    """The message without Python's ``[Errno 99]`` prefix (the text already says what failed)."""
+    text = exc.strerror or str(exc)
+    return f"{exc.filename}: {text}" if exc.filename else text
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -35,18 +35,28 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # value, raising ValueError with a short reason.
 
 
-def _to_int(value: object, minimum: int = 0) -> int:
+INT_MAX = 2**31 - 1  # what the C calls behind most settings (listen, fds, counts) accept
+MAX_BACKLOG = 65535  # the largest net.core.somaxconn traditionally allows; listen() caps it
+MAX_SIZE = 1024**3  # 1 GiB: no line or buffer needs more, and some are allocated whole
+# A UDP payload is at most 65,507 bytes; a Unix datagram is bounded by the send buffer
+# (about 208 KiB by default). The receive buffer is allocated whole, once per listener.
+MAX_DATAGRAM = 1024**2
+
+
+def _to_int(value: object, minimum: int = 0, maximum: int = INT_MAX) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not an integer")
     if isinstance(value, int):
         result = value
     else:
         text = str(value).strip().replace("_", "")
-        if not re.fullmatch(r"[+-]?\d+", text):
+        if not re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII):  # ASCII digits only
             raise ValueError(f"{value!r} is not an integer")
         result = int(text)
     if result < minimum:
         raise ValueError(f"{result} is below the minimum of {minimum}")
+    if result > maximum:
+        raise ValueError(f"{result} is above the maximum of {maximum}")
     return result
 
 
@@ -58,17 +68,39 @@ def non_negative_int(value: object) -> int:
     return _to_int(value, minimum=0)
 
 
+def backlog_size(value: object) -> int:
+    return _to_int(value, minimum=1, maximum=MAX_BACKLOG)
+
+
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def byte_size(value: object) -> int:
-    """A positive byte count: ``4096``, ``64k``, ``1M`` (binary multiples)."""
+def byte_size(value: object, maximum: int = MAX_SIZE) -> int:
+    """A positive byte count: ``4096``, ``64k``, ``1M`` (binary multiples), at most 1 GiB."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return positive_int(value)
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", str(value), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"{value!r} is not a byte size (examples: 4096, 64k, 1M)")
-    return positive_int(int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+)\s*([kmg]?)i?b?\s*", str(value), re.I | re.ASCII)
+        if not match:
+            raise ValueError(f"{value!r} is not a byte size (examples: 4096, 64k, 1M)")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size < 1:
+        raise ValueError(f"{size} is below the minimum of 1")
+    if size > maximum:
+        raise ValueError(f"{value} is above the maximum of {_show_size(maximum)}")
+    return size
+
+
+def datagram_size(value: object) -> int:
+    """A byte size of at most 1 MiB (the receive buffer is allocated whole)."""
+    return byte_size(value, MAX_DATAGRAM)
+
+
+def _show_size(size: int) -> str:
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("k", 1024)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
 
 
 def duration(value: object) -> float:
@@ -76,7 +108,9 @@ def duration(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", str(value))
+        match = re.fullmatch(
+            r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*", str(value), re.ASCII
+        )
         if not match:
             raise ValueError(f"{value!r} is not a duration (examples: 30, 2.5, 500ms, 1m)")
         scale = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
@@ -92,7 +126,7 @@ def rate(value: object) -> float:
         result = float(value)
     else:
         text = str(value).strip().removesuffix("/s")
-        if not re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", text):
+        if not re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", text, re.ASCII):
             raise ValueError(f"{value!r} is not a rate per second (examples: 50, 0.5)")
         result = float(text)
     if not result >= 0 or result == float("inf"):
@@ -129,7 +163,11 @@ def choice(*options: str) -> Callable[[object], str]:
         return text
 
     convert.__doc__ = " | ".join(options)
+    _CHOICES[convert] = options
     return convert
+
+
+_CHOICES: dict[Callable[[object], str], tuple[str, ...]] = {}
 
 
 def file_mode(value: object) -> int | None:
@@ -275,7 +313,7 @@ class Settings:
         " rest wait in the kernel backlog, never refused. 0: no limit.",
         metavar="RATE",
     )
-    backlog: int = _setting(4096, positive_int, "Listen backlog (capped by net.core.somaxconn).")
+    backlog: int = _setting(4096, backlog_size, "Listen backlog (capped by net.core.somaxconn).")
     idle_timeout: float = _setting(
         300.0, duration, "Close a connection that sent nothing for this long; 0 never."
     )
@@ -294,7 +332,7 @@ class Settings:
         metavar="BYTES",
     )
     max_datagram: int = _setting(
-        65507, byte_size, "Largest datagram accepted; larger ones are dropped and logged."
+        65507, datagram_size, "Largest datagram accepted; larger ones are dropped and logged."
     )
     graceful_timeout: float = _setting(
         30.0,
@@ -370,8 +408,12 @@ class Settings:
         "Permissions of Unix socket files, octal; the default lets only the owner connect.",
         metavar="MODE",
     )
-    user: str | None = _setting(None, optional_str, "Drop to this user after binding.")
-    group: str | None = _setting(None, optional_str, "Drop to this group after binding.")
+    user: str | None = _setting(
+        None, optional_str, "Drop to this user after binding.", metavar="USER"
+    )
+    group: str | None = _setting(
+        None, optional_str, "Drop to this group after binding.", metavar="GROUP"
+    )
     log_level: str = _setting(
         "info", choice("debug", "info", "warning", "error", "critical"), "Log level."
     )
@@ -491,16 +533,70 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return found
 
 
-def _show_default(name: str, value: object) -> str:
+# What each converter accepts, for --help and docs/settings.md: (metavar, values).
+_VALUES: dict[Callable[[object], Any], tuple[str, str]] = {
+    positive_int: ("N", "an integer >= 1"),
+    non_negative_int: ("N", "an integer >= 0"),
+    byte_size: ("BYTES", "bytes: 4096, 64k, 1M (binary multiples), at most 1G"),
+    datagram_size: ("BYTES", "bytes: 4096, 64k (binary multiples), at most 1M"),
+    backlog_size: ("N", f"an integer from 1 to {MAX_BACKLOG}"),
+    duration: ("SECONDS", "seconds: 30, 2.5, 500ms, 1m, 1h"),
+    rate: ("RATE", "per second: 50, 0.5"),
+    file_mode: ("MODE", "octal: 600, 660"),
+    networks: ("CIDR", "IP networks: 10.0.0.0/8, ::1"),
+    host_port: ("HOST:PORT", "a TCP address"),
+    bind_list: ("ADDRESS", ""),
+    optional_str: ("TEXT", ""),
+}
+
+
+def metavar_of(s: Setting) -> str:
+    """The flag's placeholder: the declared one, the choices, or the value's kind."""
+    if s.metavar:
+        return s.metavar
+    if s.convert in _CHOICES:
+        return "{" + ",".join(_CHOICES[s.convert]) + "}"
+    return _VALUES.get(s.convert, (s.name.upper(), ""))[0]
+
+
+def values_of(s: Setting) -> str:
+    """What a setting accepts, in words: ``one of off, v1, v2, any``, ``seconds: 30, 500ms``."""
+    if s.convert in _CHOICES:
+        return "one of " + ", ".join(_CHOICES[s.convert])
+    if s.flag:
+        return "a flag; --no-" + s.option[2:] + " turns it off"
+    return _VALUES.get(s.convert, ("", ""))[1]
+
+
+def default_of(s: Setting) -> str:
+    """The default as a user would type it: ``300s``, ``64k``, ``600``, ``(none)``."""
+    value = s.default
+    if s.name == "bind" and not value:
+        return "127.0.0.1:9999, or the systemd sockets"
     if value is None:
         return "(none)"
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value) or "(none)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) and name == "unix_mode":
+    if s.convert is file_mode and isinstance(value, int):
         return f"{value:o}"
+    if s.convert is duration and isinstance(value, float):
+        return f"{value:g}s"
+    if s.convert in (byte_size, datagram_size) and isinstance(value, int):
+        return _show_size(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return str(value)
+
+
+def help_of(s: Setting) -> str:
+    """The whole --help text of a setting: what it does, what it takes, its default."""
+    values = values_of(s)
+    text = s.help.rstrip()
+    if values:
+        text += f" Values: {values}."
+    return text + f" Default: {default_of(s)}."
 
 
 def markdown_reference() -> str:
@@ -514,18 +610,19 @@ def markdown_reference() -> str:
         " `sockserve run`, and an environment variable. Flags beat the environment, which"
         " beats the defaults. Lists in the environment are comma- or space-separated.",
         "",
-        "| keyword | flag | environment | default | meaning |",
-        "| --- | --- | --- | --- | --- |",
+        "| keyword | flag | environment | default | values | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in SETTINGS:
-        flag = s.option if s.flag else f"{s.option} {s.metavar or s.name.upper()}"
+        flag = s.option if s.flag else f"{s.option} {metavar_of(s)}"
         if s.repeatable:
             flag += " (repeatable)"
         env = f"`{s.env}`"
         if s.alias is not None:
-            flag += f"`, `{s.options[1]} {s.metavar or s.name.upper()}"
+            flag += f"`, `{s.options[1]} {metavar_of(s)}"
             env += f", `{s.envs[1]}`"
-        default = _show_default(s.name, s.default).replace("|", "\\|")
+        default = default_of(s).replace("|", "\\|")
+        values = values_of(s).replace("|", "\\|")
         meaning = s.help.replace("|", "\\|")
-        lines.append(f"| `{s.name}` | `{flag}` | {env} | `{default}` | {meaning} |")
+        lines.append(f"| `{s.name}` | `{flag}` | {env} | `{default}` | {values} | {meaning} |")
     return "\n".join(lines) + "\n"

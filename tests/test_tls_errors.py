@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -140,9 +141,25 @@ def test_tls_on_datagram_listeners_only_is_refused(
 def test_reload_with_a_bad_key_names_it_and_keeps_serving(
     files: dict[str, str], start_server: Start
 ) -> None:
-    server = start_server(
-        ["demo", "--bind", "127.0.0.1:0", "--tls-cert", files["cert"], "--tls-key", files["key"]]
-    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(f"\0sockserve-test-{os.getpid()}-tls")
+    notify.settimeout(15)
+    try:
+        server = start_server(
+            [
+                "demo",
+                "--bind",
+                "127.0.0.1:0",
+                "--tls-cert",
+                files["cert"],
+                "--tls-key",
+                files["key"],
+            ],
+            env={"NOTIFY_SOCKET": f"@sockserve-test-{os.getpid()}-tls"},
+        )
+        assert b"READY=1" in notify.recv(4096)  # SIGHUP is handled from now on
+    finally:
+        notify.close()
     Path(files["key"]).write_bytes(Path(files["other_key"]).read_bytes())
     server.signal(signal.SIGHUP)
     line = server.read_until("TLS reload failed").string

@@ -17,6 +17,7 @@ from sockserve.framing import (
     FrameTooLong,
     Framing,
     LengthPrefixed,
+    LineFramer,
     Lines,
     LineTooLong,
     MalformedFrame,
@@ -348,3 +349,58 @@ def test_one_byte_drip_is_linear(framing: Framing) -> None:
             got.append(message)
     assert got == [payload]
     assert time.perf_counter() - started < 5  # quadratic would copy ~20 GB
+
+
+Read = tuple[str, int]  # ("line", 0), ("exactly", n), ("message", 0)
+reads = st.lists(
+    st.tuples(st.sampled_from(["line", "exactly", "message"]), st.integers(0, 6)),
+    min_size=1,
+    max_size=8,
+)
+
+
+def stream_reads(data: list[bytes], script: list[Read]) -> list[object]:
+    """What a stream handler's reads get, each read waiting for more data as it must:
+    lines (``readline``), exactly n bytes and u16 messages on one connection, each
+    framer taking over the bytes the one before left. (``read(n)`` returns what is
+    there, so it depends on the split by design.)"""
+    lines = LineFramer(8)
+    messages = LengthPrefixed("!H", max_size=5).framer()
+    active: Framer = lines
+    chunks = iter(data)
+    got: list[object] = []
+    for kind, n in script:
+        wanted: Framer = messages if kind == "message" else lines
+        if wanted is not active:
+            wanted.feed(active.take_buffer())
+            active = wanted
+        while True:
+            try:
+                if kind in ("line", "message"):
+                    result = active.next_message()
+                else:
+                    result = active.read_exactly(n)
+            except ProtocolError as exc:
+                got.append(type(exc))
+                return got
+            if result is not None:
+                got.append(result)
+                break
+            chunk = next(chunks, None)
+            if chunk is None:
+                got.append("wait")
+                return got
+            active.feed(chunk)
+    for chunk in chunks:  # what the reads left, read or not yet
+        active.feed(chunk)
+    got.append(active.take_buffer())
+    return got
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(data=noise, script=reads)
+def test_stream_reads_at_every_split_point(data: bytes, script: list[Read]) -> None:
+    """The stream handler's reads through the framers give the same at any split."""
+    whole = stream_reads([data], script)
+    for cut in range(len(data) + 1):
+        assert stream_reads([data[:cut], data[cut:]], script) == whole, cut

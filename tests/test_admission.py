@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockserve.admission import Admission, Pacer, client_key
+from sockserve.admission import Admission, AdmissionBroker, Pacer, client_key
 
 
 def test_ipv4_is_its_own_client_and_ipv6_is_grouped_by_64() -> None:
@@ -144,3 +144,29 @@ def test_pacer_spreads_a_crowd_at_its_rate() -> None:
         assert pacer.take(now)
         accepted += 1
     assert 2.8 <= now <= 3.0
+
+
+def test_broker_shares_one_limit_among_workers_and_frees_a_dead_workers_share() -> None:
+    broker = AdmissionBroker(Admission(max_per_client=3))
+    assert broker.handle(1, b"+10.0.0.1", 0.0) == b"="
+    assert broker.handle(2, b"+10.0.0.1", 0.0) == b"="
+    assert broker.handle(2, b"+10.0.0.1", 0.0) == b"="
+    assert broker.handle(1, b"+10.0.0.1", 0.0) == b"n"  # the fourth, whichever worker
+    assert broker.handle(1, b"-10.0.0.1", 0.0) is None
+    assert broker.handle(2, b"+10.0.0.1", 0.0) == b"="
+    broker.worker_gone(2)  # killed while holding all three connections of that client
+    assert [broker.handle(1, b"+10.0.0.1", 0.0) for _ in range(4)] == [b"="] * 3 + [b"n"]
+    assert len(broker.admission) == 1
+
+
+def test_broker_ignores_a_release_the_worker_was_never_given() -> None:
+    broker = AdmissionBroker(Admission(max_per_client=1))
+    assert broker.handle(1, b"+10.0.0.1", 0.0) == b"="
+    assert broker.handle(2, b"-10.0.0.1", 0.0) is None  # not worker 2's to release
+    assert broker.handle(2, b"+10.0.0.1", 0.0) == b"n"
+
+
+def test_broker_answers_the_rate_refusal() -> None:
+    broker = AdmissionBroker(Admission(rate_per_client=1))
+    assert broker.handle(1, b"+2001:db8::1", 5.0) == b"="
+    assert broker.handle(2, b"+2001:db8::2", 5.0) == b"r"  # same /64, other worker

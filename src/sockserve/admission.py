@@ -7,15 +7,26 @@ the global ``--connection-rate``; those that must wait stay in the kernel backlo
 
 A client is its IP address; IPv6 clients are grouped by /64, the block one subscriber
 usually gets. Unix-socket peers have no address and are never limited.
+
+With workers, the supervisor holds the one table (``AdmissionBroker``, sans-IO too) and
+each worker asks it through a ``RemoteAdmission``, the only part here that does I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
-__all__ = ["MAX_RATE_CLIENTS", "Admission", "Pacer", "client_key"]
+__all__ = [
+    "MAX_RATE_CLIENTS",
+    "Admission",
+    "AdmissionBroker",
+    "Pacer",
+    "RemoteAdmission",
+    "client_key",
+]
 
 # Clients whose connection rate is remembered after they have no connection open. Past
 # it the client quiet for longest is forgotten (it starts again with a full allowance).
@@ -159,3 +170,150 @@ class Pacer:
         if tokens >= 1.0 - _EPSILON:
             return 0.0
         return (1.0 - tokens) / self.rate
+
+
+# -- shared by the workers of one supervisor -----------------------------------------------
+#
+# With --workers N the supervisor keeps the one table, so that a client's limit holds for
+# the whole server whichever worker the kernel hands its connections to. Each worker asks
+# over its own SOCK_SEQPACKET socket, one message per datagram: b"+" HOST to admit (the
+# answer is one byte), b"-" HOST when an admitted connection closes (no answer).
+
+_ANSWERS = {None: b"=", "too many connections from client": b"n", "client connection rate": b"r"}
+_REASONS = {code: reason for reason, code in _ANSWERS.items()}
+
+
+class AdmissionBroker:
+    """The supervisor's side, sans-IO: one Admission table for every worker, and what
+    each worker holds, so that a worker's connections are released when it dies."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.held: dict[int, dict[str, int]] = {}  # worker id: host: open connections
+
+    def handle(self, worker: int, message: bytes, now: float) -> bytes | None:
+        """The answer to send back to ``worker`` for ``message``, if any."""
+        op, host = message[:1], message[1:].decode("ascii", "replace")
+        held = self.held.setdefault(worker, {})
+        if op == b"+":
+            reason = self.admission.admit((host, 0), now)
+            if reason is None:
+                held[host] = held.get(host, 0) + 1
+            return _ANSWERS[reason]
+        if op == b"-" and held.get(host):  # only what this worker was given
+            held[host] -= 1
+            if not held[host]:
+                del held[host]
+            self.admission.release((host, 0))
+        return None
+
+    def worker_gone(self, worker: int) -> None:
+        """Release every connection a worker held (it exited, or was killed)."""
+        for host, count in self.held.pop(worker, {}).items():
+            for _ in range(count):
+                self.admission.release((host, 0))
+
+
+class RemoteAdmission:
+    """A worker's side: asks the supervisor's broker over ``sock`` (non-blocking; what
+    cannot be sent at once is queued and sent when the socket is writable)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.waiting: deque[asyncio.Future[str | None]] = deque()
+        self.outgoing: deque[bytes] = deque()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.broken = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._answers)
+
+    def admit(self, address: Any) -> asyncio.Future[str | None] | None:
+        """A future for the broker's answer (None: admitted), or None when the address
+        has no client to limit (Unix sockets) and is admitted at once."""
+        if client_key(address) is None:
+            return None
+        assert self.loop is not None
+        future: asyncio.Future[str | None] = self.loop.create_future()
+        if self.broken:  # the supervisor is gone: this worker is stopping, admit
+            future.set_result(None)
+            return future
+        self.waiting.append(future)
+        self._send(b"+" + address[0].encode("ascii", "replace"))
+        return future
+
+    def release(self, address: Any) -> None:
+        if client_key(address) is not None and not self.broken:
+            self._send(b"-" + address[0].encode("ascii", "replace"))
+
+    def close(self) -> None:
+        """The worker has stopped: refuse whoever still waits for an answer."""
+        if self.loop is not None and not self.broken:
+            self.broken = True
+            self.loop.remove_reader(self.sock.fileno())
+            if self.outgoing:
+                self.loop.remove_writer(self.sock.fileno())
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result("server shutdown")
+        self.sock.close()
+
+    def _send(self, message: bytes) -> None:
+        if not self.outgoing:
+            try:
+                self.sock.send(message)
+                return
+            except BlockingIOError:
+                assert self.loop is not None
+                self.loop.add_writer(self.sock.fileno(), self._flush)
+            except OSError:
+                self._broke()
+                return
+        self.outgoing.append(message)
+
+    def _flush(self) -> None:
+        while self.outgoing:
+            try:
+                self.sock.send(self.outgoing[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._broke()
+                return
+            self.outgoing.popleft()
+        assert self.loop is not None
+        self.loop.remove_writer(self.sock.fileno())
+
+    def _answers(self) -> None:
+        while True:
+            try:
+                answer = self.sock.recv(16)
+            except BlockingIOError:
+                return
+            except OSError:
+                answer = b""
+            if not answer:
+                self._broke()
+                return
+            if self.waiting:
+                future = self.waiting.popleft()
+                if not future.done():
+                    future.set_result(_REASONS.get(answer[:1]))
+
+    def _broke(self) -> None:
+        """The supervisor is gone (the worker stops too): admit whoever still waits."""
+        if self.broken:
+            return
+        self.broken = True
+        assert self.loop is not None
+        self.loop.remove_reader(self.sock.fileno())
+        if self.outgoing:
+            self.loop.remove_writer(self.sock.fileno())
+            self.outgoing.clear()
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result(None)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from sockserve.admission import Admission
+from sockserve.admission import Admission, RemoteAdmission
 from sockserve.observability import Stats, log_access
 from sockserve.settings import Settings
 
@@ -87,7 +87,9 @@ class ConnectionLedger:
         self.stopping = False
         admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
         # Per-client counts: a connection admitted here is released in ``closed``.
-        self.admission = admission if admission.enabled else None
+        self.admission: Admission | RemoteAdmission | None = (
+            admission if admission.enabled else None
+        )
         self._idle_waiter: asyncio.Future[None] | None = None
         self._stop_waiting = False
         self.overload_log = RateLimitedLog()

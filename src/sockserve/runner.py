@@ -11,6 +11,7 @@ import os
 import pwd
 import resource
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -163,8 +164,10 @@ def run_server(
     *,
     started: Callable[[Callable[[bool], None]], None] | None = None,
     metrics: tuple[Metrics, Listener] | None = None,
+    admission_link: socket.socket | None = None,
 ) -> None:
-    """Serve in this process until a signal stops it."""
+    """Serve in this process until a signal stops it (``admission_link``: a worker's
+    line to the supervisor's per-client table)."""
     loop = new_event_loop(settings.loop)
     try:
         server = Server(
@@ -173,6 +176,7 @@ def run_server(
             listeners=listeners,
             metrics=metrics[0] if metrics else None,
             metrics_listener=metrics[1] if metrics else None,
+            admission_link=admission_link,
         )
         loop.run_until_complete(_serve_until_signalled(server, started))
     finally:

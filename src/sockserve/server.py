@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sockserve import binding
-from sockserve.admission import Pacer
+from sockserve.admission import Admission, Pacer, RemoteAdmission
 from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger, age_jitter
@@ -237,6 +237,7 @@ class Server:
         listeners: Iterable[Listener] | None = None,
         metrics: Metrics | None = None,
         metrics_listener: Listener | None = None,
+        admission_link: socket.socket | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
@@ -260,6 +261,8 @@ class Server:
         self.metrics = metrics
         self._metrics_listener = metrics_listener
         self._metrics_server: asyncio.AbstractServer | None = None
+        # With workers: the supervisor's per-client table, asked over this socket.
+        self._admission_link = admission_link
 
     # -- public API --------------------------------------------------------------------
 
@@ -281,6 +284,10 @@ class Server:
         """Bind (unless listeners were given), then start accepting and reading."""
         self.loop = self.ledger.loop = asyncio.get_running_loop()
         self._closed_event = asyncio.Event()
+        if self._admission_link is not None and self.ledger.admission is not None:
+            remote = RemoteAdmission(self._admission_link)
+            remote.start(self.loop)
+            self.ledger.admission = remote
         settings = self.settings
         if settings.tls_cert:
             from sockserve.tls import server_context
@@ -406,9 +413,7 @@ class Server:
         if (settings.allow or settings.deny) and not self._allowed(address):
             self._reject(conn, address, listener, "denied")
             return
-        if self.ledger.admission is not None and not self._admit(conn, address, listener):
-            return
-        self._serve(conn, address, listener, None)
+        self._admit_and_serve(conn, address, listener, None)
 
     def _pace(self) -> None:
         """Stop accepting until the connection rate allows the next one (backlog waits)."""
@@ -422,14 +427,44 @@ class Server:
         self._pacing = False
         self._update_accepting()
 
-    def _admit(self, conn: socket.socket, address: Any, listener: Listener) -> bool:
-        """Per-client limits: False (and the connection refused) past them."""
-        assert self.ledger.admission is not None
-        reason = self.ledger.admission.admit(address, self.loop.time())
+    def _admit_and_serve(
+        self,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: ProxyHeader | None,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        """Per-client limits (this worker's table, or with workers the supervisor's),
+        then serve; past them the connection is refused."""
+        admission = self.ledger.admission
+        if admission is None:
+            self._serve(conn, address, listener, proxy, handshake_timeout)
+        elif isinstance(admission, Admission):
+            reason = admission.admit(address, self.loop.time())
+            self._admitted(reason, conn, address, listener, proxy, handshake_timeout)
+        elif (answer := admission.admit(address)) is None:
+            self._serve(conn, address, listener, proxy, handshake_timeout)
+        else:
+            answer.add_done_callback(
+                lambda done: self._admitted(
+                    done.result(), conn, address, listener, proxy, handshake_timeout
+                )
+            )
+
+    def _admitted(
+        self,
+        reason: str | None,
+        conn: socket.socket,
+        address: Any,
+        listener: Listener,
+        proxy: ProxyHeader | None,
+        handshake_timeout: float | None,
+    ) -> None:
         if reason is None:
-            return True
-        self._reject(conn, address, listener, reason)
-        return False
+            self._serve(conn, address, listener, proxy, handshake_timeout)
+        else:
+            self._reject(conn, address, listener, reason)
 
     def _allowed(self, address: Any) -> bool:
         settings = self.settings
@@ -473,10 +508,8 @@ class Server:
         if (self.settings.allow or self.settings.deny) and not self._allowed(real):
             self._reject(conn, real, listener, "denied")
             return
-        if self.ledger.admission is not None and not self._admit(conn, real, listener):
-            return
         left = self.settings.handshake_timeout - (self.loop.time() - started)
-        self._serve(conn, real, listener, header, max(left, MIN_HANDSHAKE_LEFT))
+        self._admit_and_serve(conn, real, listener, header, max(left, MIN_HANDSHAKE_LEFT))
 
     async def _proxy_header(self, conn: socket.socket) -> ProxyHeader:
         """Read exactly the header's bytes (peeking first), so what follows stays unread."""
@@ -609,6 +642,8 @@ class Server:
     async def _finish(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if isinstance(self.ledger.admission, RemoteAdmission):
+            self.ledger.admission.close()
         if self.metrics is not None:
             self.metrics.flush(self.stats, self.ledger.open)
         if self._metrics_server is not None:

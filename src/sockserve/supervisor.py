@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from sockserve import binding, notify
+from sockserve.admission import Admission, AdmissionBroker
 from sockserve.binding import Listener, addresses_of, bind_all
 from sockserve.observability import Metrics, log_metrics_url
 from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
@@ -35,6 +37,7 @@ CRASH_WINDOW = 5.0  # a worker dying sooner than this after it started counts as
 MAX_BACKOFF = 30.0
 STOP_MARGIN = 5.0  # after the graceful timeout, workers get this long before SIGKILL
 RELOAD_TIMEOUT = 60.0  # new workers must all serve within this, or the reload is abandoned
+LINK_SEND_WAIT = 1.0  # how long an admission answer may wait for room in a worker's socket
 
 
 @dataclass(eq=False)
@@ -45,6 +48,7 @@ class _Child:
     generation: int
     beat_fd: int  # the worker writes a byte here once it serves, then every heartbeat
     started: float
+    link: socket.socket | None = None  # the worker asks the per-client table over this
     ready: bool = False
     stopping: bool = False
     last_beat: float = 0.0
@@ -79,6 +83,9 @@ class Supervisor:
         self.restarts = 0
         self.metrics: tuple[Metrics, Listener] | None = None
         self.metrics_dir = ""
+        # Per-client limits hold for the whole server: the one table lives here.
+        admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
+        self.broker = AdmissionBroker(admission) if admission.enabled else None
         self.sources = SourceWatcher(os.getcwd())
         self._last_watch = time.monotonic()
         self._next_scan = 0.0
@@ -150,6 +157,8 @@ class Supervisor:
                             with contextlib.suppress(OSError):
                                 while wake_r.recv(4096):
                                     pass
+                        elif key.fileobj is key.data.link:
+                            self._admission_event(key.data)
                         else:
                             self._beat_event(key.data)
                     self._handle_signals()
@@ -263,10 +272,15 @@ class Supervisor:
     def _spawn(self) -> None:
         listeners = self._worker_listeners()
         beat_r, beat_w = os.pipe()
+        link = child_link = None
+        if self.broker is not None:
+            link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             os.close(beat_r)
-            self._become_worker(listeners, beat_w)
+            if link is not None:
+                link.close()
+            self._become_worker(listeners, beat_w, child_link)
         os.close(beat_w)
         if self.settings.reuse_port:
             for listener in listeners:
@@ -275,9 +289,16 @@ class Supervisor:
         worker = _Child(pid, self.generation, beat_r, time.monotonic())
         self.workers[pid] = worker
         self.selector.register(beat_r, selectors.EVENT_READ, worker)
+        if link is not None and child_link is not None:
+            child_link.close()
+            link.setblocking(False)
+            worker.link = link
+            self.selector.register(link, selectors.EVENT_READ, worker)
         logger.info("started worker %d", pid)
 
-    def _become_worker(self, listeners: list[Listener], beat_w: int) -> NoReturn:
+    def _become_worker(
+        self, listeners: list[Listener], beat_w: int, link: socket.socket | None
+    ) -> NoReturn:
         """In the child: let go of the supervisor's descriptors, then serve as a worker."""
         Worker.reset_signals()
         os.close(self._alive_w)
@@ -286,6 +307,8 @@ class Supervisor:
         for child in self.workers.values():
             if child.beat_fd >= 0:
                 os.close(child.beat_fd)
+            if child.link is not None:
+                child.link.close()
         self.selector.close()
         worker = Worker(
             self.handler,
@@ -294,6 +317,7 @@ class Supervisor:
             beat_fd=beat_w,
             alive_fd=self._alive_r,
             metrics=self.metrics,
+            admission_link=link,
         )
         worker.run()
 
@@ -317,6 +341,42 @@ class Supervisor:
             if self.reload_generation is not None:
                 self._check_reload()
 
+    def _admission_event(self, worker: _Child) -> None:
+        """A worker asks whether a client may connect, or says a connection closed."""
+        link, broker = worker.link, self.broker
+        assert link is not None and broker is not None
+        while True:
+            try:
+                message = link.recv(256)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:  # the worker is gone
+                self._drop_link(worker)
+                return
+            answer = broker.handle(worker.pid, message, time.monotonic())
+            if answer is not None:
+                try:
+                    link.send(answer)
+                except BlockingIOError:  # the worker is not reading: wait a little
+                    select.select([], [link], [], LINK_SEND_WAIT)
+                    try:
+                        link.send(answer)
+                    except OSError as exc:
+                        logger.error("worker %d: admission answer lost: %s", worker.pid, exc)
+                except OSError:
+                    pass  # gone: the EOF that follows drops the link
+
+    def _drop_link(self, worker: _Child) -> None:
+        """The worker exited: its connections are gone, and so is its share of the table."""
+        if worker.link is not None:
+            self.selector.unregister(worker.link)
+            worker.link.close()
+            worker.link = None
+        if self.broker is not None:
+            self.broker.worker_gone(worker.pid)
+
     def _stop_worker(self, worker: _Child, signum: int) -> None:
         worker.stopping = True
         with contextlib.suppress(ProcessLookupError):
@@ -336,6 +396,7 @@ class Supervisor:
             if worker.beat_fd >= 0:
                 self.selector.unregister(worker.beat_fd)
                 os.close(worker.beat_fd)
+            self._drop_link(worker)
             code = os.waitstatus_to_exitcode(status)
             if self.metrics is not None:
                 self.metrics[0].worker_exited(pid)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -45,8 +46,10 @@ class Worker:
         beat_fd: int,
         alive_fd: int,
         metrics: tuple[Metrics, Listener] | None,
+        admission_link: socket.socket | None = None,
     ) -> None:
         self.handler = handler
+        self.admission_link = admission_link
         self.settings = settings
         self.listeners = listeners
         self.beat_fd = beat_fd
@@ -79,6 +82,7 @@ class Worker:
                 self.listeners,
                 started=self._started,
                 metrics=self.metrics,
+                admission_link=self.admission_link,
             )
         except BaseException:
             logger.exception("worker %d failed", os.getpid())

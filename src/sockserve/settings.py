@@ -296,14 +296,14 @@ class Settings:
         0,
         non_negative_int,
         "Open connections one client may hold (its PROXY address if any; IPv6 by /64);"
-        " one more is refused. Per worker. 0: no limit.",
+        " one more is refused. For the whole server, whatever --workers. 0: no limit.",
         metavar="N",
     )
     connection_rate_per_ip: float = _setting(
         0.0,
         rate,
         "New connections per second one client may open (burst: one second's worth);"
-        " faster ones are refused. Per worker. 0: no limit.",
+        " faster ones are refused. For the whole server, whatever --workers. 0: no limit.",
         metavar="RATE",
     )
     connection_rate: float = _setting(

@@ -80,7 +80,7 @@ def test_fourth_connection_from_one_client_is_refused_and_a_close_frees_a_slot(
         stats = server.server.stats
         assert stats.rejected_by_reason["too many connections from client"] == 1
         first[0].close()
-        wait_for(lambda: server.server.connections == 3)
+        wait_for(lambda: server.server.ledger.open == 3)
         again = clients(server.address)
         assert served(again)
         assert closed_by_server(clients(server.address))

@@ -255,7 +255,7 @@ def test_connection_cap_pauses_accepting_and_resumes(loop: str) -> None:
         c.settimeout(0.3)
         with pytest.raises(TimeoutError):
             c.recv(100)
-        assert server.server.connections == 2
+        assert server.server.ledger.open == 2
         a.close()
         c.settimeout(5)
         assert read_line(c) == b"WAITING\n"

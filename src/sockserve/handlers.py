@@ -140,6 +140,30 @@ class _Connection(asyncio.Protocol):
             self.bytes_out += len(data)
             self._transport.write(data)
 
+    def send(self, data: bytes) -> bool:
+        """Queue ``data`` for the peer without waiting, as ``server.broadcast`` does.
+
+        Where ``write`` leaves backpressure to ``drain()``, ``send`` never waits: a peer
+        that lets more than ``max_write_buffer`` bytes pile up is closed as a slow
+        consumer. Returns False if the connection is closed (or just was).
+        """
+        transport = self._transport
+        if self._closed or transport.is_closing():
+            return False
+        self.bytes_out += len(data)
+        transport.write(data)
+        queued = transport.get_write_buffer_size()
+        if queued > self._ledger.max_write_buffer:
+            self._ledger.slow_consumer_log(
+                "closing %s: slow consumer, %d bytes queued for it (max_write_buffer %d)",
+                self.client_address,
+                queued,
+                self._ledger.max_write_buffer,
+            )
+            self._abort("slow consumer")
+            return False
+        return True
+
     def close(self) -> None:
         """Close the connection once queued bytes are sent."""
         self._set_reason("closed by handler")

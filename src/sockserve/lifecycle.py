@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sockserve.admission import Admission, RemoteAdmission
@@ -24,7 +24,7 @@ from sockserve.settings import Settings
 if TYPE_CHECKING:
     from sockserve.handlers import _Connection
 
-__all__ = ["ConnectionLedger", "RateLimitedLog", "age_jitter"]
+__all__ = ["ConnectionLedger", "Connections", "RateLimitedLog", "age_jitter"]
 
 # Connection events (refusals, timeouts, handler errors) are the server's to report.
 logger = logging.getLogger("sockserve.server")
@@ -99,6 +99,8 @@ class ConnectionLedger:
         self.idle_log = RateLimitedLog(interval=1.0, level=logging.INFO)
         self.long_line_log = RateLimitedLog(interval=1.0)
         self.slow_line_log = RateLimitedLog(interval=1.0, level=logging.INFO)
+        self.slow_consumer_log = RateLimitedLog(interval=1.0)
+        self.max_write_buffer = settings.max_write_buffer
 
     @property
     def full(self) -> bool:
@@ -182,3 +184,70 @@ class ConnectionLedger:
     def _wake_idle(self) -> None:
         if self._idle_waiter is not None and not self._idle_waiter.done():
             self._idle_waiter.set_result(None)
+
+
+class Connections:
+    """A live, read-only view of a server's open connections in this process.
+
+    Iterating yields the handler instances of line, stream and message handlers (blocking
+    handlers run on threads and are not listed), as a snapshot: handlers may connect and
+    disconnect while a loop over it runs. ``on(url)`` narrows the view to one listener.
+    Use it in the server's event loop thread (from a handler, or a task of the loop).
+    """
+
+    __slots__ = ("_connections", "_listener")
+
+    def __init__(self, connections: set[_Connection], listener: str | None = None) -> None:
+        self._connections = connections
+        self._listener = listener
+
+    def on(self, listener: str) -> Connections:
+        """The connections accepted on ``listener`` (its URL, as in ``handler.listener``)."""
+        return Connections(self._connections, listener)
+
+    def _live(self) -> list[_Connection]:
+        listener = self._listener
+        if listener is None:
+            return list(self._connections)
+        return [conn for conn in self._connections if conn.listener == listener]
+
+    def __iter__(self) -> Iterator[_Connection]:
+        return iter(self._live())
+
+    def __len__(self) -> int:
+        if self._listener is None:
+            return len(self._connections)
+        return len(self._live())
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self._connections and (
+            self._listener is None or getattr(conn, "listener", None) == self._listener
+        )
+
+    def __repr__(self) -> str:
+        where = f" on {self._listener}" if self._listener else ""
+        return f"<{len(self)} connection(s){where}>"
+
+    def broadcast(
+        self, data: bytes, *, exclude: _Connection | Iterable[_Connection] | None = None
+    ) -> int:
+        """``send(data)`` to every connection in the view but ``exclude`` (one connection
+        or several); returns how many it was queued for.
+
+        Never waits: each connection queues what its peer has not read yet, up to
+        ``max_write_buffer``; one over that is closed as a slow consumer.
+        """
+        if exclude is None:
+            skip: object = None
+            excluded: Iterable[object] = ()
+        elif isinstance(exclude, asyncio.BaseProtocol):
+            skip, excluded = exclude, ()
+        else:
+            skip, excluded = None, frozenset(exclude)
+        sent = 0
+        for conn in self._live():
+            if conn is skip or conn in excluded:
+                continue
+            if conn.send(data) is not False:
+                sent += 1
+        return sent

@@ -22,11 +22,12 @@ from sockserve import binding
 from sockserve.admission import Admission, Pacer, RemoteAdmission
 from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError, kind_of
-from sockserve.lifecycle import ConnectionLedger, age_jitter
+from sockserve.lifecycle import ConnectionLedger, Connections, age_jitter
 from sockserve.observability import Metrics, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
+    from sockserve.handlers import _Connection
     from sockserve.proxy_protocol import ProxyHeader
 
 __all__ = ["HandlerKindError", "Server"]
@@ -245,6 +246,7 @@ class Server:
         self.handler_class = handler
         self.RequestHandlerClass = handler  # what socketserver handlers may look for
         self.ledger = ConnectionLedger(self.settings, self._update_accepting)
+        self._connections_view = Connections(self.ledger.connections)
         self.stats = self.ledger.stats
         self.kind = kind(self)
         self.listeners: list[Listener] = list(listeners) if listeners is not None else []
@@ -277,8 +279,21 @@ class Server:
         return self.listeners[0].sock.getsockname() if self.listeners else None
 
     @property
-    def connections(self) -> int:
-        return self.ledger.open
+    def connections(self) -> Connections:
+        """The open connections of this process, live and read-only (see ``Connections``)."""
+        return self._connections_view
+
+    def broadcast(
+        self, data: bytes, *, exclude: _Connection | Iterable[_Connection] | None = None
+    ) -> int:
+        """Send ``data`` to every open connection but ``exclude``; never waits.
+
+        ``handler.send(data)`` on each: framed for message handlers, as given otherwise.
+        A connection with more than ``max_write_buffer`` bytes queued is closed as a slow
+        consumer. Returns how many connections it was queued for. Call it in the event
+        loop thread (from a blocking handler: ``server.loop.call_soon_threadsafe``).
+        """
+        return self._connections_view.broadcast(data, exclude=exclude)
 
     async def start(self) -> None:
         """Bind (unless listeners were given), then start accepting and reading."""

@@ -334,6 +334,13 @@ class Settings:
     max_datagram: int = _setting(
         65507, datagram_size, "Largest datagram accepted; larger ones are dropped and logged."
     )
+    max_write_buffer: int = _setting(
+        1024 * 1024,
+        byte_size,
+        "Output send() and broadcast() may queue for one connection; a peer that lets more"
+        " pile up (not reading) is closed as a slow consumer.",
+        metavar="BYTES",
+    )
     graceful_timeout: float = _setting(
         30.0,
         duration,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -41,6 +43,23 @@ class Room(LineHandler):
         return b"?\n"
 
 
+@contextlib.contextmanager
+def room(**settings: Any) -> Iterator[tuple[RunningServer, Callable[[int], None]]]:
+    """A Room server, and ``joined(n)``: wait until ``n`` more clients are in the room."""
+    arrivals: queue.Queue[None] = queue.Queue()
+
+    class Joining(Room):
+        def setup(self) -> None:
+            arrivals.put(None)
+
+    def joined(n: int) -> None:
+        for _ in range(n):
+            arrivals.get(timeout=10)
+
+    with serve(Joining, **settings) as server:
+        yield server, joined
+
+
 def closed_reasons(server: RunningServer) -> dict[str, int]:
     return server.call(lambda: dict(server.server.stats.closed_by_reason))  # type: ignore[no-any-return]
 
@@ -55,6 +74,8 @@ def test_connections_is_a_live_view_filtered_by_listener(tmp_path: Any) -> None:
     bind = ["127.0.0.1:0", f"unix:{tmp_path}/room.sock"]
     with serve(Tracked, bind=bind) as server:
         tcp = [server.connect() for _ in range(3)]
+        for client in tcp:  # a reply means the server has it
+            assert client.request(b"?") == b"?\n"
         assert tcp[0].request(b"count") == b"3\n"
         unix = socket.socket(socket.AF_UNIX)
         unix.connect(f"{tmp_path}/room.sock")
@@ -73,8 +94,9 @@ def test_connections_is_a_live_view_filtered_by_listener(tmp_path: Any) -> None:
 
 
 def test_broadcast_reaches_everyone_but_the_excluded() -> None:
-    with serve(Room) as server:
+    with room() as (server, joined):
         a, b, c = (server.connect() for _ in range(3))
+        joined(3)
         assert a.request(b"others hello\n") == b"sent to 2\n"
         assert b.readline() == c.readline() == b"hello\n"
         assert a.request(b"all everyone\n") == b"everyone\n"
@@ -109,10 +131,10 @@ def stalled_client(server: RunningServer) -> socket.socket:
 def test_a_peer_that_does_not_read_is_cut_as_a_slow_consumer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with serve(Room, max_write_buffer="64k") as server:
+    with room(max_write_buffer="64k") as (server, joined):
         talker, reader = server.connect(), server.connect()
         with stalled_client(server):
-            assert talker.request(b"count") == b"3\n"
+            joined(3)
             flood_until_cut(talker, [reader], 1)
             assert closed_reasons(server) == {"slow consumer": 1}
         assert talker.request(b"count") == b"2\n"
@@ -151,13 +173,12 @@ def test_bad_max_write_buffer_fails_naming_the_setting() -> None:
 
 def test_slow_consumer_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "sockserve.server")
-    with serve(Room, max_write_buffer="16k") as server:
+    with room(max_write_buffer="16k") as (server, joined), contextlib.ExitStack() as stack:
         talker, reader = server.connect(), server.connect()
-        stalled = [stalled_client(server) for _ in range(5)]
-        assert talker.request(b"count") == b"7\n"
+        for _ in range(5):
+            stack.enter_context(stalled_client(server))
+        joined(7)
         flood_until_cut(talker, [reader], 5)
         assert closed_reasons(server) == {"slow consumer": 5}
-        for sock in stalled:
-            sock.close()
     lines = [r for r in caplog.records if "slow consumer" in r.getMessage()]
     assert len(lines) == 1

@@ -76,21 +76,21 @@ def test_chat_relays_in_order_and_cuts_a_client_that_does_not_read(
     pid = server.proc.pid
     sockets: list[socket.socket] = []
     try:
-        # Never reads; a small receive buffer keeps the kernel from absorbing much.
-        silent = connect(address, rcvbuf=4096)
-        sockets.append(silent)
         sender = connect(address)
         sockets.append(sender)
         name = b"%s:%d" % (sender.getsockname()[0].encode(), sender.getsockname()[1])
+        # Never reads; a small receive buffer keeps the kernel from absorbing much.
+        silent = connect(address, rcvbuf=4096)
+        sockets.append(silent)
         readers = []
         for _ in range(READERS):
             sock = connect(address)
             sockets.append(sock)
             readers.append(Reader(sock, name))
-        # Each reader is in the room once the sender has seen it join.
+        # Each client is in the room once the sender has seen it join.
         expected = {
             b"* %s:%d joined\n" % (host.encode(), port)
-            for host, port in (r.sock.getsockname()[:2] for r in readers)
+            for host, port in (s.getsockname()[:2] for s in [silent] + [r.sock for r in readers])
         }
         with sender.makefile("rb") as lines:
             while expected:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sockserve import LineHandler, StreamHandler
+from sockserve import LengthPrefixed, LineHandler, MessageHandler, StreamHandler
 from sockserve.testing import Client, RunningServer, serve
 
 
@@ -182,3 +182,25 @@ def test_slow_consumer_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> 
         assert closed_reasons(server) == {"slow consumer": 5}
     lines = [r for r in caplog.records if "slow consumer" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_message_handlers_frame_what_is_broadcast() -> None:
+    arrivals: queue.Queue[None] = queue.Queue()
+
+    class Relay(MessageHandler):
+        """Each message goes to every other client, framed by the framing below."""
+
+        framing = LengthPrefixed("!H")
+
+        def setup(self) -> None:
+            arrivals.put(None)
+
+        def handle_message(self, message: bytes) -> bytes:
+            return b"%d" % self.server.broadcast(message, exclude=self)
+
+    with serve(Relay) as server:
+        a, b, c = (server.connect() for _ in range(3))
+        for _ in range(3):
+            arrivals.get(timeout=10)
+        assert a.request(b"hello\nworld") == b"2"
+        assert b.read_message() == c.read_message() == b"hello\nworld"

@@ -447,9 +447,12 @@ class MessageHandler(_Connection):
         """Answer one message; the default echoes it."""
         return message
 
-    def send(self, payload: bytes) -> None:
-        """Frame ``payload`` as one message and queue it for the peer (server push)."""
-        self.write(self.framing.encode(payload))
+    def send(self, payload: bytes) -> bool:
+        """Frame ``payload`` as one message and queue it for the peer (server push).
+
+        Never waits, bounded by ``max_write_buffer`` as ``_Connection.send``.
+        """
+        return super().send(self.framing.encode(payload))
 
     def _new_framer(self) -> Framer:
         return self.framing.framer()
@@ -702,9 +705,12 @@ class LineHandler(MessageHandler):
         """Answer one line; the default echoes it."""
         return line
 
-    def send(self, payload: bytes) -> None:
-        """Queue ``payload`` for the peer as given (a line handler frames its own replies)."""
-        self.write(payload)
+    def send(self, payload: bytes) -> bool:
+        """Queue ``payload`` for the peer as given (a line handler frames its own replies).
+
+        Never waits, bounded by ``max_write_buffer`` as ``_Connection.send``.
+        """
+        return _Connection.send(self, payload)
 
     def _new_framer(self) -> Framer:
         return LineFramer(self._max_line)

@@ -8,6 +8,7 @@ accepting, so clients wait in the kernel backlog rather than in an unbounded que
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import logging
@@ -139,15 +140,16 @@ class BlockingPool:
 
     def submit_stream(
         self,
-        conn: socket.socket,
+        accepted: _socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,
         context: ssl.SSLContext | None,
     ) -> None:
         self.busy += 1
-        if self._count:
-            conn = CountingSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
+        # Handlers get a full socket.socket (makefile and all), counting when it must.
+        kind = CountingSocket if self._count else socket.socket
+        conn = kind(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
         self.executor.submit(self._run_stream, conn, address, listener, proxy, context)
 
     def _run_stream(

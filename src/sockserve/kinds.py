@@ -8,6 +8,7 @@ listed in ``KINDS``.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import socket
@@ -67,7 +68,7 @@ class HandlerKind:
 
     def serve_stream(
         self,
-        conn: socket.socket,
+        conn: _socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,
@@ -102,7 +103,7 @@ class _AsyncKind(HandlerKind):
 
     def serve_stream(
         self,
-        conn: socket.socket,
+        conn: _socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,
@@ -121,7 +122,7 @@ class _AsyncKind(HandlerKind):
 
     async def _connect(
         self,
-        conn: socket.socket,
+        conn: _socket.socket,
         handler: _Connection,
         context: ssl.SSLContext | None,
         timeout: float,
@@ -129,10 +130,13 @@ class _AsyncKind(HandlerKind):
         loop = self.ledger.loop
         try:
             if context is None:
-                await loop.connect_accepted_socket(lambda: handler, conn)
+                await loop.connect_accepted_socket(lambda: handler, conn)  # type: ignore[arg-type]
             else:
                 await loop.connect_accepted_socket(
-                    lambda: handler, conn, ssl=context, ssl_handshake_timeout=timeout
+                    lambda: handler,
+                    conn,  # type: ignore[arg-type]  # any socket object will do
+                    ssl=context,
+                    ssl_handshake_timeout=timeout,
                 )
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             # Failed handshake, plaintext on a TLS port, a peer gone before we started.
@@ -208,7 +212,7 @@ class BlockingKind(HandlerKind):
 
     def serve_stream(
         self,
-        conn: socket.socket,
+        conn: _socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,

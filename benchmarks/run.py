@@ -448,6 +448,18 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             timeout=600,
         ).stdout
     )
+    # Fan-out to 10,000 clients: about 30 s, left out of --quick.
+    broadcast = None
+    if not args.quick:
+        broadcast = json.loads(
+            subprocess.run(
+                [sys.executable, str(BENCH / "broadcast.py"), "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=600,
+            ).stdout
+        )
     info = machine()
     info["load"] = (
         f"1-min load average {loads[0]:.1f} at the start, up to {max(loads):.1f} during the run"
@@ -462,6 +474,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "notes": notes,
         "import_time": imports,
+        "broadcast": broadcast,
     }
 
 
@@ -939,7 +952,26 @@ def report(data: dict[str, Any]) -> str:
             f"| `sockserve.socketserver` | {figures['sockserve_ms']:.1f}"
             f" | {figures['ratio']:.2f} |",
         ]
+    if data.get("broadcast"):
+        lines += ["", "## broadcast", "", *broadcast_section(data["broadcast"])]
     return "\n".join(lines) + "\n"
+
+
+def broadcast_section(figures: dict[str, Any]) -> list[str]:
+    """The fan-out figures of ``benchmarks/broadcast.py``."""
+    return [
+        f"`server.broadcast()` from a line handler to {figures['clients']:,} connected clients"
+        f" ({figures['size']}-byte lines, {figures['messages']} messages published in batches"
+        f" of {figures['batch']}, each batch read by every client before the next;"
+        " `benchmarks/broadcast.py`). Server CPU is per delivered message (one message to"
+        " one client).",
+        "",
+        "| clients | messages/s | deliveries/s | server CPU per delivery | server RSS |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {figures['clients']:,} | {figures['messages_per_s']:,} |"
+        f" {figures['deliveries_per_s']:,} | {figures['server_cpu_us_per_delivery']} µs |"
+        f" {figures['server_rss_end_mib']} MiB |",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_broadcast_benchmark_runs_small() -> None:
+    args = ["--clients", "50", "--messages", "30", "--batch", "7", "--json"]
     result = subprocess.run(
-        [sys.executable, "benchmarks/broadcast.py", "--clients", "50", "--messages", "30"]
-        + ["--batch", "7", "--json"],
+        [sys.executable, "benchmarks/broadcast.py", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from sockserve.lifecycle import age_jitter
+from sockserve.observability import format_peer
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
@@ -198,7 +199,7 @@ class BlockingPool:
             ledger.idle_log("closing %s: idle for %.1f s", address, settings.idle_timeout)
         except OSError as exc:
             reason = f"error: {exc}"
-            logger.debug("connection from %s ended: %s", address, exc)
+            logger.debug("connection from %s ended: %s", format_peer(address), exc)
         except Exception as exc:
             reason = "handler error"
             ledger.call_from_thread(ledger.handler_failed, address, exc)

@@ -23,6 +23,7 @@ from sockserve.settings import (
     help_of,
     markdown_reference,
     metavar_of,
+    unknown_env,
 )
 
 __all__ = ["main"]
@@ -73,6 +74,10 @@ def _serve(handler: str | type, settings: Settings) -> int:
     from sockserve.runner import HandlerImportError, check_handler_in_child, load_handler, serve
 
     configure_logging(settings.log_level, settings.log_format)
+    for name, meant in unknown_env():
+        logging.getLogger("sockserve.cli").warning(
+            "ignoring %s: no such setting%s", name, f" (did you mean {meant}?)" if meant else ""
+        )
     if settings.tls_cert:
         from sockserve.tls import server_context
 

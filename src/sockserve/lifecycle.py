@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sockserve.admission import Admission, RemoteAdmission
-from sockserve.observability import Stats, log_access
+from sockserve.observability import HandlerErrorLog, Stats, format_peer, log_access
 from sockserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ __all__ = ["ConnectionLedger", "Connections", "RateLimitedLog", "age_jitter"]
 
 # Connection events (refusals, timeouts, handler errors) are the server's to report.
 logger = logging.getLogger("sockserve.server")
+
+
+LIMIT_LOG_INTERVAL = 10.0
 
 
 def age_jitter(seed: int) -> float:
@@ -57,6 +60,7 @@ class RateLimitedLog:
                 self.suppressed += 1
                 return
             suppressed, self.last, self.suppressed = self.suppressed, now, 0
+        args = tuple(format_peer(a) if isinstance(a, (tuple, bytes)) else a for a in args)
         if suppressed:
             msg += " (%d more since the last report)"
             args = (*args, suppressed)
@@ -101,6 +105,12 @@ class ConnectionLedger:
         self.slow_line_log = RateLimitedLog(interval=1.0, level=logging.INFO)
         self.slow_consumer_log = RateLimitedLog(interval=1.0)
         self.max_write_buffer = settings.max_write_buffer
+        self.handler_error_log = HandlerErrorLog(logger)
+        # max_connections reached and left: a pause line at most every LIMIT_LOG_INTERVAL,
+        # each followed by its resume line; the pauses in between are counted.
+        self._paused_at: float | None = None  # when the logged pause began
+        self._limit_logged = -LIMIT_LOG_INTERVAL
+        self._pauses = 0
 
     @property
     def full(self) -> bool:
@@ -111,7 +121,24 @@ class ConnectionLedger:
         self.open += 1
         self.stats.connections_total += 1
         if self.open >= self.max_connections:
+            self._limit_reached()
             self.capacity_changed()
+
+    def _limit_reached(self) -> None:
+        now = time.monotonic()
+        self._pauses += 1
+        if now - self._limit_logged < LIMIT_LOG_INTERVAL or self._paused_at is not None:
+            return
+        more = (
+            f" ({self._pauses - 1} more pauses since the last report)" if self._pauses > 1 else ""
+        )
+        logger.warning(
+            "max_connections (%d) reached: accepting paused, new clients wait in the listen"
+            " backlog%s",
+            self.max_connections,
+            more,
+        )
+        self._paused_at, self._limit_logged, self._pauses = now, now, 0
 
     def opened(self, conn: _Connection) -> float:
         """An async connection has its transport; returns its start time (access log)."""
@@ -144,6 +171,12 @@ class ConnectionLedger:
             if not self.open:
                 self._wake_idle()
         elif self.open == self.max_connections - 1:
+            if self._paused_at is not None:
+                logger.info(
+                    "below max_connections again after %.1f s: accepting resumed",
+                    time.monotonic() - self._paused_at,
+                )
+                self._paused_at = None
             self.capacity_changed()  # was at the limit: accept again
 
     def rejected(self, reason: str) -> None:
@@ -151,9 +184,7 @@ class ConnectionLedger:
 
     def handler_failed(self, peer: Any, exc: BaseException) -> None:
         self.stats.handler_errors += 1
-        logger.error(
-            "handler error for %s: %s", peer, exc, exc_info=(type(exc), exc, exc.__traceback__)
-        )
+        self.handler_error_log(peer, exc)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in a task that the server cancels if it still runs at the end."""

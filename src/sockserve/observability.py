@@ -10,8 +10,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,11 +25,15 @@ if TYPE_CHECKING:
     from sockserve.binding import Listener
 
 __all__ = [
+    "HandlerErrorLog",
     "JSONFormatter",
     "Metrics",
     "MetricsEndpoint",
     "Stats",
+    "TextFormatter",
     "configure_logging",
+    "escape",
+    "format_peer",
     "log_access",
     "log_metrics_url",
 ]
@@ -67,6 +74,133 @@ def _label(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
+def format_peer(address: Any) -> str:
+    """A peer as people and log parsers read it: ``127.0.0.1:46222``, ``[::1]:36334``,
+    ``unix:/path`` or ``-`` (an unnamed Unix client); never a Python tuple."""
+    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
+        host = str(address[0])
+        if host.startswith("::ffff:") and "." in host:  # an IPv4 client of a dual-stack socket
+            host = host[7:]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    if isinstance(address, bytes):
+        address = address.decode("utf-8", "surrogateescape")
+    if not address:
+        return "-"
+    if isinstance(address, str):
+        return "@" + address[1:] if address.startswith("\0") else address
+    return str(address)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """Control characters as visible escapes (``\\n``, ``\\x1b``): a peer's bytes can
+    neither start a forged log line nor send escape sequences to a terminal."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text log format, with control characters escaped in every argument and in
+    exception messages (where peer-controlled text ends up); JSON escapes them itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.args:
+            record = logging.makeLogRecord(vars(record))
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(a if isinstance(a, (int, float)) else escape(str(a)) for a in args)
+        return super().format(record)
+
+    def formatException(self, ei: Any) -> str:
+        return format_exception(ei[1]).rstrip("\n")
+
+
+def format_exception(exc: BaseException) -> str:
+    """A traceback as Python prints it, each exception's message escaped."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        cause = current.__cause__
+        current = cause or (None if current.__suppress_context__ else current.__context__)
+    parts: list[str] = []
+    for e in reversed(chain):
+        if parts:
+            later = chain[chain.index(e) - 1]
+            parts.append(
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+                if later.__cause__ is e
+                else "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
+        if e.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.format_tb(e.__traceback__))
+        kind = type(e)
+        name = kind.__qualname__
+        if kind.__module__ not in ("builtins", "__main__"):
+            name = f"{kind.__module__}.{name}"
+        message = escape(str(e))
+        parts.append(f"{name}: {message}\n" if message else f"{name}\n")
+    return "".join(parts)
+
+
+class HandlerErrorLog:
+    """Handler exceptions, rate-limited per kind (exception type and where it was raised).
+
+    The first of a kind is logged with its traceback (again at most every ``full_every``
+    seconds); the rest at most once per ``interval`` seconds, one line with a count. A peer
+    that makes a handler fail on every datagram cannot flood the log. Thread-safe.
+    """
+
+    MAX_KINDS = 1024  # a table bound: handlers failing in more places than this start over
+
+    def __init__(
+        self, logger: logging.Logger, interval: float = 1.0, full_every: float = 60.0
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.full_every = full_every
+        # kind -> [last line logged, last traceback logged, occurrences not logged]
+        self._kinds: dict[tuple[str, str, int], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, peer: Any, exc: BaseException) -> None:
+        now = time.monotonic()
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        kind = (
+            type(exc).__qualname__,
+            tb.tb_frame.f_code.co_filename if tb else "",
+            tb.tb_lineno if tb else 0,
+        )
+        with self._lock:
+            state = self._kinds.get(kind)
+            if state is None:
+                if len(self._kinds) >= self.MAX_KINDS:
+                    self._kinds.clear()
+                state = self._kinds[kind] = [-self.interval, -self.full_every, 0]
+            if now - state[0] < self.interval:
+                state[2] += 1
+                return
+            full = now - state[1] >= self.full_every
+            suppressed = int(state[2])
+            state[0], state[2] = now, 0
+            if full:
+                state[1] = now
+        msg = "handler error for %s: %s"
+        args: tuple[object, ...] = (format_peer(peer), exc)
+        if suppressed:
+            msg += " (%d more of this kind since the last report)"
+            args = (*args, suppressed)
+        if not full:
+            msg += "; traceback logged earlier"
+        self.logger.error(
+            msg, *args, exc_info=(type(exc), exc, exc.__traceback__) if full else None
+        )
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, then any extra fields."""
 
@@ -90,7 +224,7 @@ class JSONFormatter(logging.Formatter):
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """Send every log record to stderr, text or JSON, at ``level`` (the CLI's setup)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -104,7 +238,7 @@ def log_access(
     """One record per connection on the ``sockserve.access`` logger."""
     if not access_logger.isEnabledFor(logging.INFO):
         return
-    peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "-")
+    peer_text = format_peer(peer)
     duration_ms = round(duration * 1000, 3)
     access_logger.info(
         "%s %s %.3fms in=%d out=%d %s",

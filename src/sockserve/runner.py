@@ -20,7 +20,7 @@ from typing import Any
 from sockserve import notify
 from sockserve.binding import Listener, bind_all
 from sockserve.kinds import HandlerKindError, handler_kind
-from sockserve.observability import Metrics
+from sockserve.observability import Metrics, configure_logging
 from sockserve.server import Server
 from sockserve.settings import Settings, SettingsError, describe
 
@@ -253,9 +253,12 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
     ``handler`` is a class or a ``"module:Class"`` path; with workers, a path is imported
     afresh by every worker, so a SIGHUP reload picks up new code. Keywords are settings
     (``bind=["127.0.0.1:0"], workers=4, ...``). Bad values raise SettingsError; an address
-    that cannot be bound raises OSError.
+    that cannot be bound raises OSError. Logs go to stderr as the CLI's do (``log_level``,
+    ``log_format``) unless the application configured logging itself.
     """
     settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
+    if not logging.getLogger().handlers:
+        configure_logging(settings.log_level, settings.log_format)
     raise_open_file_limit()
     if settings.workers > 1 or settings.reload:
         from sockserve.supervisor import Supervisor

@@ -24,7 +24,7 @@ from sockserve.admission import Admission, Pacer, RemoteAdmission
 from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger, Connections, age_jitter
-from sockserve.observability import Metrics, log_metrics_url
+from sockserve.observability import Metrics, format_peer, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class _DatagramEndpoint:
             self.server.stats.datagrams_dropped += 1  # socket buffer full: UDP may drop
             return
         except OSError as exc:
-            logger.debug("sendto %s failed: %s", address, exc)
+            logger.debug("sendto %s failed: %s", format_peer(address), exc)
             return
         self.server.stats.bytes_sent += len(reply)
 

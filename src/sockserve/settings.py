@@ -540,6 +540,26 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return found
 
 
+# SOCKSERVE_* variables that are not settings: the test suite's switch.
+OTHER_ENV = frozenset({"SOCKSERVE_REQUIRE_ALL"})
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """SOCKSERVE_* variables that name no setting (typos), each with the likeliest meant."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = {name for s in SETTINGS for name in s.envs}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known | OTHER_ENV)
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+
+    def meant(name: str) -> str | None:
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, 1, 0.75)
+        return suffixes[close[0]] if close else None
+
+    return [(name, meant(name)) for name in unknown]
+
+
 # What each converter accepts, for --help and docs/settings.md: (metavar, values).
 _VALUES: dict[Callable[[object], Any], tuple[str, str]] = {
     positive_int: ("N", "an integer >= 1"),

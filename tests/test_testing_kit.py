@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from sockserve import DatagramHandler, LineHandler, StreamHandler
+from sockserve import DatagramHandler, LineHandler, MessageHandler, StreamHandler
 from sockserve import socketserver as sockserve_socketserver
 from sockserve.framing import LengthPrefixed
 from sockserve.runner import new_event_loop
@@ -336,3 +336,30 @@ def test_messages_use_the_handlers_framing() -> None:
             assert client.read_message() == b"X" * 100_000
             client.shutdown_write()
             assert client.read_message() == b""
+
+
+class MessageUpper(MessageHandler):
+    """Lines() framing by default: the message is the line without its newline."""
+
+    def handle_message(self, message: bytes) -> bytes:
+        return message.upper()
+
+
+class LengthMessageUpper(MessageHandler):
+    framing = LengthPrefixed("!I")
+
+    def handle_message(self, message: bytes) -> bytes:
+        return message.upper()
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+@pytest.mark.parametrize("handler", [MessageUpper, LengthMessageUpper], ids=lambda h: h.__name__)
+def test_serves_message_handlers_in_their_framing(handler: type, unix: bool) -> None:
+    with no_leaks():
+        with serve(handler, unix=unix) as server:
+            with server.connect() as client:
+                assert client.framing is handler.framing
+                assert client.request(b"hello") == b"HELLO"
+                client.send_message(b"one")
+                client.send_message(b"two")
+                assert [client.read_message(), client.read_message()] == [b"ONE", b"TWO"]

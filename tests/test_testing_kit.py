@@ -354,7 +354,9 @@ class LengthMessageUpper(MessageHandler):
 
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
 @pytest.mark.parametrize("handler", [MessageUpper, LengthMessageUpper], ids=lambda h: h.__name__)
-def test_serves_message_handlers_in_their_framing(handler: type, unix: bool) -> None:
+def test_serves_message_handlers_in_their_framing(
+    handler: type[MessageHandler], unix: bool
+) -> None:
     with no_leaks():
         with serve(handler, unix=unix) as server:
             with server.connect() as client:

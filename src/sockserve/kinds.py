@@ -138,8 +138,9 @@ class _AsyncKind(HandlerKind):
                     ssl=context,
                     ssl_handshake_timeout=timeout,
                 )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
-            # Failed handshake, plaintext on a TLS port, a peer gone before we started.
+        except Exception as exc:
+            # Failed handshake, plaintext on a TLS port, a peer gone before we started; or
+            # anything unforeseen: whatever it is, the connection's slot must be released.
             ledger = self.ledger
             reason = "TLS handshake failed" if context is not None else "connect failed"
             ledger.rejected("tls" if context is not None else "error")

@@ -529,7 +529,7 @@ class Server:
         except asyncio.TimeoutError:
             self._reject(conn, address, listener, "no PROXY header in time")
             return
-        except OSError as exc:
+        except Exception as exc:  # OSError, or anything unforeseen: release the slot
             self._reject(conn, address, listener, f"PROXY header: {exc}")
             return
         except asyncio.CancelledError:

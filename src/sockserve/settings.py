@@ -120,6 +120,14 @@ def duration(value: object) -> float:
     return seconds
 
 
+def positive_duration(value: object) -> float:
+    """A duration > 0: for deadlines that cannot be turned off."""
+    seconds = duration(value)
+    if not seconds:
+        raise ValueError("0 is not allowed: this deadline cannot be turned off")
+    return seconds
+
+
 def rate(value: object) -> float:
     """Events per second, >= 0: ``50``, ``0.5``; 0 turns the limit off."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -359,7 +367,10 @@ class Settings:
         " (its handle_shutdown runs first), so long-lived clients rebalance; 0 never.",
     )
     handshake_timeout: float = _setting(
-        10.0, duration, "Time a new connection has to send its PROXY header and finish TLS."
+        10.0,
+        positive_duration,
+        "Time a new connection has to send its PROXY header and finish TLS; never off (a"
+        " silent peer would hold its connection slot for good).",
     )
     worker_timeout: float = _setting(
         30.0,
@@ -568,6 +579,7 @@ _VALUES: dict[Callable[[object], Any], tuple[str, str]] = {
     datagram_size: ("BYTES", "bytes: 4096, 64k (binary multiples), at most 1M"),
     backlog_size: ("N", f"an integer from 1 to {MAX_BACKLOG}"),
     duration: ("SECONDS", "seconds: 30, 2.5, 500ms, 1m, 1h"),
+    positive_duration: ("SECONDS", "seconds > 0: 10, 2.5, 500ms, 1m"),
     rate: ("RATE", "per second: 50, 0.5"),
     file_mode: ("MODE", "octal: 600, 660"),
     networks: ("CIDR", "IP networks: 10.0.0.0/8, ::1"),
@@ -608,7 +620,7 @@ def default_of(s: Setting) -> str:
         return "true" if value else "false"
     if s.convert is file_mode and isinstance(value, int):
         return f"{value:o}"
-    if s.convert is duration and isinstance(value, float):
+    if s.convert in (duration, positive_duration) and isinstance(value, float):
         return f"{value:g}s"
     if s.convert in (byte_size, datagram_size) and isinstance(value, int):
         return _show_size(value)

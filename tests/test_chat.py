@@ -5,6 +5,7 @@ from __future__ import annotations
 import selectors
 import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -71,8 +72,10 @@ def connect(address: tuple[str, int], rcvbuf: int | None = None) -> socket.socke
 def test_chat_relays_in_order_and_cuts_a_client_that_does_not_read(
     start_server: Callable[..., ServerProcess],
 ) -> None:
-    server = start_server(["run", "sockserve.examples.chat:Chat", "--bind", "127.0.0.1:0"])
+    args = ["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    server = start_server(["run", "sockserve.examples.chat:Chat", *args])
     address = host_port(server.urls[0])
+    metrics = server.read_until(r"metrics listening on (http://\S+)").group(1)
     pid = server.proc.pid
     sockets: list[socket.socket] = []
     try:
@@ -123,6 +126,9 @@ def test_chat_relays_in_order_and_cuts_a_client_that_does_not_read(
 
         # 16 MiB were sent to the silent client: it was cut, the others were not.
         server.read_until(r"slow consumer, \d+ bytes queued for it \(max_write_buffer 1048576\)")
+        with urllib.request.urlopen(metrics, timeout=10) as response:
+            scraped = response.read().decode()
+        assert 'sockserve_closed_connections_total{reason="slow consumer"} 1.0' in scraped
         peak_growth = status_kib(pid, "VmHWM") - rss_before
         print(f"\nFIGURES chat relay: server VmHWM - VmRSS before = {peak_growth} KiB")
         assert peak_growth < 32 * 1024

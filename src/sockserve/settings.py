@@ -557,11 +557,13 @@ OTHER_ENV = frozenset({"SOCKSERVE_REQUIRE_ALL"})
 
 def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
     """SOCKSERVE_* variables that name no setting (typos), each with the likeliest meant."""
-    import difflib
-
     environ = os.environ if environ is None else environ
     known = {name for s in SETTINGS for name in s.envs}
     unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known | OTHER_ENV)
+    if not unknown:
+        return []
+    import difflib  # only when there is a typo to explain
+
     suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
 
     def meant(name: str) -> str | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import threading
 import time
 from typing import Any
 
 import pytest
 
 from sockserve import LineHandler, StreamHandler
+from sockserve.runner import new_event_loop
 from sockserve.testing import FaultProxy, serve
 
 WAIT = 10.0  # bound on every wait for the server's report
@@ -156,3 +159,17 @@ def test_raw_proxy_header_bytes_are_sent_as_given() -> None:
         with proxy.connect() as client:
             client.send(b"hi\n")
             assert client.wait_closed() == b""  # a bad header closes the connection
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+def test_proxies_and_leaves_nothing_behind(unix: bool) -> None:
+    new_event_loop("auto").close()  # uvloop's first loop opens a pipe kept for the process
+    threads = set(threading.enumerate())
+    fds = set(os.listdir("/proc/self/fd"))
+    with serve(Upper, unix=unix) as server, FaultProxy(server, split=2) as proxy:
+        assert isinstance(proxy.target, str) == unix
+        with proxy.connect() as client:
+            assert client.request(b"through the proxy") == b"THROUGH THE PROXY\n"
+        proxy.connect().send(b"left open\n")  # closed with the proxy
+    assert set(threading.enumerate()) - threads == set()
+    assert set(os.listdir("/proc/self/fd")) - fds == set()

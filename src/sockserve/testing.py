@@ -585,6 +585,7 @@ class FaultProxy:
             loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
             for sock in self._sockets:
                 sock.close()
+            loop.run_until_complete(loop.shutdown_default_executor())
             asyncio.set_event_loop(None)
             loop.close()
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import socketserver as stdlib_socketserver
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -365,3 +366,17 @@ def test_serves_message_handlers_in_their_framing(
                 client.send_message(b"one")
                 client.send_message(b"two")
                 assert [client.read_message(), client.read_message()] == [b"ONE", b"TWO"]
+
+
+def test_connects_over_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with no_leaks():
+        with serve(StreamUpper, tls_cert=str(cert)) as server:
+            with server.connect(tls=context) as client:
+                assert isinstance(client.sock, ssl.SSLSocket)
+                assert client.request(b"secret") == b"SECRET\n"

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sockserve.blocking import is_blocking_handler
 from sockserve.framing import Framing, Lines
@@ -33,6 +33,9 @@ from sockserve.proxy_protocol import encode_v1, encode_v2
 from sockserve.runner import new_event_loop
 from sockserve.server import Server
 from sockserve.settings import Settings
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "Client",
@@ -158,9 +161,19 @@ class RunningServer:
     def datagram(self) -> bool:
         return self.server.listeners[0].datagram
 
-    def connect(self, *, timeout: float | None = None) -> Client:
+    def connect(
+        self,
+        *,
+        timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str = "localhost",
+    ) -> Client:
         """A client of the first listener (a DatagramClient for a datagram listener);
-        closed when the server stops, if not before."""
+        closed when the server stops, if not before.
+
+        ``tls`` (a client SSLContext trusting the server's certificate) wraps the
+        connection in TLS, checking the certificate against ``server_hostname``.
+        """
         timeout = self.timeout if timeout is None else timeout
         listener = self.server.listeners[0]
         sock = listener.sock
@@ -178,6 +191,8 @@ class RunningServer:
             peer.settimeout(timeout)
             try:
                 peer.connect(self.address)
+                if tls is not None:
+                    peer = tls.wrap_socket(peer, server_hostname=server_hostname)
             except BaseException:
                 peer.close()
                 raise

@@ -106,6 +106,7 @@ class ConnectionLedger:
         self.slow_consumer_log = RateLimitedLog(interval=1.0)
         self.max_write_buffer = settings.max_write_buffer
         self.handler_error_log = HandlerErrorLog(logger)
+        self.reflection_log = RateLimitedLog()
         # max_connections reached and left: a pause line at most every LIMIT_LOG_INTERVAL,
         # each followed by its resume line; the pauses in between are counted.
         self._paused_at: float | None = None  # when the logged pause began

@@ -168,6 +168,7 @@ class _DatagramEndpoint:
         server = self.server
         ledger = server.ledger
         stats = ledger.stats
+        own_ports = server._own_ports
         for _ in range(DATAGRAM_BATCH):
             try:
                 size, address = self.sock.recvfrom_into(self.buffer)
@@ -178,6 +179,17 @@ class _DatagramEndpoint:
                 continue
             stats.datagrams += 1
             stats.bytes_received += size
+            if type(address) is tuple and address[1] in own_ports and _is_local(address[0]):
+                # From one of our own sockets (a spoofed source): answering it would make
+                # the server answer itself forever.
+                ledger.rejected("own address")
+                ledger.reflection_log(
+                    "dropped a datagram from %s on %s: it claims to come from this server's"
+                    " own address (answering would loop)",
+                    address,
+                    self.listener.url,
+                )
+                continue
             if size > self.max_size:
                 stats.datagrams_oversized += 1
                 ledger.oversize_log(
@@ -274,6 +286,7 @@ class Server:
         self._closed_event: asyncio.Event | None = None
         self._ssl: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._own_ports: frozenset[int] = frozenset()  # of datagram listeners (reflection)
         rate = self.settings.connection_rate
         # With workers, each takes its share of the rate: together they accept R a second.
         self._pacer = Pacer(rate / self.settings.workers) if rate else None
@@ -328,6 +341,11 @@ class Server:
             self._ssl = server_context(settings)
         if not self.listeners:
             self.listeners = binding.bind_all(settings)
+        self._own_ports = frozenset(
+            listener.sock.getsockname()[1]
+            for listener in self.listeners
+            if listener.datagram and listener.family in (_socket.AF_INET, _socket.AF_INET6)
+        )
         try:
             for listener in self.listeners:
                 if listener.datagram:
@@ -688,6 +706,29 @@ class Server:
         await self.kind.close()
         if self._closed_event is not None:
             self._closed_event.set()
+
+
+_local_ips: dict[str, bool] = {}
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` is an address of this machine: only those can be bound."""
+    host = host.split("%", 1)[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    known = _local_ips.get(host)
+    if known is None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((host, 0))
+            known = True
+        except OSError:
+            known = False
+        if len(_local_ips) > 1024:  # sources are chosen by peers: keep the cache bounded
+            _local_ips.clear()
+        _local_ips[host] = known
+    return known
 
 
 def _in_networks(address: Any, networks: Iterable[Any]) -> bool:

@@ -222,6 +222,9 @@ def test_bad_setting_fails_at_start_and_leaks_nothing() -> None:
         with pytest.raises(SettingsError, match="max_line"):
             with serve(Upper, max_line=0):
                 pass
+        with pytest.raises(SettingsError, match=r"workers .* one server in a thread"):
+            with serve(Upper, workers=2):
+                pass
         with pytest.raises(OSError):  # a bind that fails stops nothing but itself
             with serve(Upper, bind=["unix:/nonexistent-dir/x.sock"]):
                 pass

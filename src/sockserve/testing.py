@@ -32,7 +32,7 @@ from sockserve.handlers import DatagramHandler
 from sockserve.proxy_protocol import encode_v1, encode_v2
 from sockserve.runner import new_event_loop
 from sockserve.server import Server
-from sockserve.settings import Settings
+from sockserve.settings import Settings, SettingsError, describe
 
 if TYPE_CHECKING:
     import ssl
@@ -106,6 +106,12 @@ class RunningServer:
                 settings["bind"] = ["udp://127.0.0.1:0" if datagram else "127.0.0.1:0"]
         try:
             self.settings = Settings(**settings)
+            if self.settings.workers != 1 or self.settings.reload:
+                # Worker processes and reloading belong to `sockserve run`, not a thread.
+                raise SettingsError(
+                    f"{describe('workers')}: serve() runs one server in a thread; test"
+                    " --workers and --reload with `sockserve run` in a subprocess"
+                )
             self._loop = new_event_loop(self.settings.loop)
         except BaseException:
             self._remove_tempdir()

@@ -17,7 +17,8 @@ from sockserve.testing import Client, RunningServer, serve
 
 class Room(LineHandler):
     """Commands: ``count``, ``here`` (on this listener), ``all TEXT``, ``others TEXT``,
-    ``me TEXT`` (send to self), ``flood N`` (N KiB to everyone else)."""
+    ``local TEXT`` (others on this listener), ``me TEXT`` (send to self), ``flood N``
+    (N KiB to everyone else)."""
 
     def handle_line(self, line: bytes) -> bytes | None:
         command, _, rest = line.partition(b" ")
@@ -33,6 +34,9 @@ class Room(LineHandler):
             return b"sent to %d\n" % self.server.broadcast(rest)
         if command == b"others":
             return b"sent to %d\n" % self.server.broadcast(rest, exclude=self)
+        if command == b"local":
+            here = connections.on(self.listener)
+            return b"sent to %d\n" % here.broadcast(rest, exclude=self)
         if command == b"me":
             assert self.send(rest)
             return None
@@ -204,3 +208,23 @@ def test_message_handlers_frame_what_is_broadcast() -> None:
             arrivals.get(timeout=10)
         assert a.request(b"hello\nworld") == b"2"
         assert b.read_message() == c.read_message() == b"hello\nworld"
+
+
+def test_broadcast_to_one_listener() -> None:
+    with room(bind=["127.0.0.1:0", "127.0.0.1:0"]) as (server, joined):
+        second_url = server.urls[1]
+        a, b = server.connect(), server.connect()
+        other = Client(socket.create_connection(address_of(second_url), timeout=5))
+        with other:
+            joined(3)
+            assert a.request(b"local on the first listener\n") == b"sent to 1\n"
+            assert b.readline() == b"on the first listener\n"
+            assert other.request(b"local alone here\n") == b"sent to 0\n"
+            assert a.request(b"others everyone\n") == b"sent to 2\n"
+            assert b.readline() == other.readline() == b"everyone\n"
+        assert server.call(lambda: len(server.server.connections.on("tcp://nowhere:1"))) == 0
+
+
+def address_of(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("tcp://").rpartition(":")
+    return host, int(port)

@@ -35,8 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["DatagramHandler", "LineHandler", "LineTooLong", "MessageHandler", "StreamHandler"]
 
 # A reader that is this far behind the peer stops reading from the socket until it
-# catches up (on top of the line limit, so one full line always fits).
+# catches up (on top of the line limit, so one full line always fits). At most: with
+# many connections the ledger's read_ahead, derived from --max-buffered-input, is less.
 READ_AHEAD = 256 * 1024
+# At least, whatever the budget: below this a stream is read in uselessly small steps.
+MIN_READ_AHEAD = 4096
 # Above this many buffered outgoing bytes the peer counts as not reading: the server
 # stops reading from it (line handlers) or drain() waits (stream handlers).
 WRITE_HIGH_WATER = 256 * 1024
@@ -520,7 +523,7 @@ class MessageHandler(_Connection):
             return
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run_messages())
-        self._update_reading()  # a handler behind by READ_AHEAD bytes stops the reads
+        self._update_reading()  # a handler behind by read_ahead bytes stops the reads
 
     def _answer_messages(self) -> None:
         """Answer every complete message the framer holds (sync handlers)."""
@@ -589,13 +592,13 @@ class MessageHandler(_Connection):
 
     def _update_reading(self) -> None:
         """Read from the peer unless it has ended, is not reading its replies, or the
-        async handler is more than READ_AHEAD bytes behind."""
+        async handler is more than the ledger's read_ahead bytes behind."""
         framer = self._framer
         self._set_reading(
             not (
                 self._eof
                 or self._writing_paused
-                or (framer is not None and framer.buffered > READ_AHEAD)
+                or (framer is not None and framer.buffered > self._ledger.read_ahead)
             )
         )
 
@@ -926,7 +929,8 @@ class StreamHandler(_Connection):
         if waiter is not None:
             self._fulfil()
         framer = self._framer
-        if not self._reading_paused and framer and framer.buffered > READ_AHEAD + self._max_line:
+        limit = self._ledger.read_ahead + self._max_line
+        if not self._reading_paused and framer and framer.buffered > limit:
             self._set_reading(False)
 
     def eof_received(self) -> bool:
@@ -1008,7 +1012,7 @@ class StreamHandler(_Connection):
             result = framer.take_buffer()
         if framer.empty and not self._messages:
             self._framer = None  # an idle connection holds no framer
-        if self._reading_paused and framer.buffered <= READ_AHEAD:
+        if self._reading_paused and framer.buffered <= self._ledger.read_ahead:
             self._set_reading(True)
         return result
 

@@ -39,6 +39,15 @@ def age_jitter(seed: int) -> float:
     return 0.9 + ((seed * 2654435761) >> 7) % 1001 / 5000
 
 
+def read_ahead(settings: Settings) -> int:
+    """How far a connection's reader may fall behind its peer, past one line, before
+    reading from it pauses: --max-buffered-input shared by --max-connections."""
+    from sockserve.handlers import MIN_READ_AHEAD, READ_AHEAD
+
+    share = settings.max_buffered_input // settings.max_connections - settings.max_line
+    return min(READ_AHEAD, max(MIN_READ_AHEAD, share))
+
+
 class RateLimitedLog:
     """Logs a recurring condition at most once per ``interval`` seconds, counting the rest.
 
@@ -82,6 +91,7 @@ class ConnectionLedger:
         self.capacity_changed = capacity_changed
         self.max_connections = settings.max_connections
         self.access_log = settings.access_log
+        self.read_ahead = read_ahead(settings)
         # Connections note when they opened for the access log and --max-connection-age.
         self.stamp_opened = settings.access_log or bool(settings.max_connection_age)
         self.stats = Stats()

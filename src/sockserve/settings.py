@@ -339,6 +339,15 @@ class Settings:
         "Longest line a line or stream handler reads; a longer one closes the connection.",
         metavar="BYTES",
     )
+    max_buffered_input: int = _setting(
+        1024**3,
+        byte_size,
+        "Input read from peers and not yet taken by handlers, per worker, that"
+        " --max-connections share: each connection may buffer one --max-line line plus its"
+        " share (4 KiB to 256 KiB) before reading from it pauses. Worst case in"
+        " docs/deployment.md.",
+        metavar="BYTES",
+    )
     max_datagram: int = _setting(
         65507, datagram_size, "Largest datagram accepted; larger ones are dropped and logged."
     )

@@ -404,3 +404,49 @@ def test_stream_reads_at_every_split_point(data: bytes, script: list[Read]) -> N
     whole = stream_reads([data], script)
     for cut in range(len(data) + 1):
         assert stream_reads([data[:cut], data[cut:]], script) == whole, cut
+
+
+def run_checked(framer: Framer, parts: list[bytes], take: int) -> type[ProtocolError] | None:
+    """Feed ``parts``, taking at most ``take`` messages in all and calling ``check`` after
+    each feed, as an async handler that is behind does: the first error, if any."""
+    for part in parts:
+        framer.feed(part)
+        try:
+            framer.check()
+            while take and framer.next_message() is not None:
+                take -= 1
+        except ProtocolError as exc:
+            return type(exc)
+    return None
+
+
+@pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(data=noise, cuts=st.lists(st.integers(0, 60), max_size=6), take=st.integers(0, 3))
+def test_check_raises_only_what_reading_on_would_raise(
+    framing: Framing, data: bytes, cuts: list[int], take: int
+) -> None:
+    """``check`` ahead of the reader: the error reading every message would meet, and
+    none where reading meets none (so a behind reader refuses the same streams)."""
+    error = run(framing.framer(), [data])[1]
+    checked = run_checked(framing.framer(), splits(data, cuts), take)
+    if isinstance(framing, Lines):  # lines: only an unfinished line is checked ahead
+        assert checked in (None, error)
+    else:
+        assert checked == error
+
+
+def test_check_refuses_a_huge_header_behind_queued_messages() -> None:
+    framing = LengthPrefixed("!H", max_size=100)
+    framer = framing.framer()
+    framer.feed(framing.encode(b"a") * 1000 + b"\xff\xff")
+    with pytest.raises(FrameTooLong):
+        framer.check()
+    netstrings = Netstring(100).framer()
+    netstrings.feed(b"1:a," * 1000 + b"1:a;")
+    with pytest.raises(MalformedFrame):
+        netstrings.check()
+    lines = Lines(max_size=4).framer()
+    lines.feed(b"a\n" * 1000 + b"abcde")
+    with pytest.raises(LineTooLong):
+        lines.check()

@@ -191,8 +191,9 @@ def test_a_malformed_frame_closes_with_a_logged_reason(
     with serving(handler_for(framing, kind), loop) as server:
         with bystander(server.address, framing):
             with socket.create_connection(server.address, timeout=5) as sock:
-                sock.sendall(framing.encode(b"ok") + wire)
+                sock.sendall(framing.encode(b"ok"))
                 assert read_message(sock, framing, bytearray()) == b"OK"
+                sock.sendall(wire)
                 assert closed_by_server(sock)
     assert "netstring" in caplog.text or "shorter than its header" in caplog.text
     assert server.server.stats.closed_by_reason["malformed message"] == 1
@@ -496,3 +497,30 @@ def test_each_class_reads_its_own_framing(loop: str, handler: type[MessageHandle
             sock.sendall(framing.encode(b"AbC\n" if handler is Lower else b"abc"))
             expected = b"abc\n" if handler is Lower else b"cba"
             assert read_message(sock, framing, bytearray()) == expected
+
+
+class Busy(MessageHandler):
+    """Async, and stuck on its first message until the test lets it go."""
+
+    framing = LengthPrefixed("!I", max_size=1000)
+    release: ClassVar[asyncio.Event | None] = None
+
+    async def handle_message(self, message: bytes) -> bytes:
+        release = type(self).release
+        if release is None:
+            release = type(self).release = asyncio.Event()
+        await release.wait()
+        return message
+
+
+def test_a_busy_async_handler_still_refuses_an_over_long_header_at_once(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The header is checked when it arrives, not when the handler gets to it."""
+    Busy.release = None
+    with serving(Busy, loop) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(Busy.framing.encode(b"first"))
+            sock.sendall(struct.pack("!I", 1 << 30))
+            assert closed_by_server(sock)  # the handler is still waiting on "first"
+    assert "message longer than 1000 bytes" in caplog.text

@@ -112,6 +112,12 @@ class Framer:
         """The next complete message, or None when more data is needed."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise the ProtocolError ``next_message`` will raise once it gets there, if the
+        bytes fed already show it, however many messages wait before it: what a reader
+        that is behind calls after each ``feed`` to refuse an over-long message before
+        its body arrives. Each byte is looked at once over all calls."""
+
     def end(self) -> bytes | None:
         """At the end of the stream: a last message the unfinished bytes make, if any.
 
@@ -251,6 +257,10 @@ class LineFramer(Framer):
         """``next_message``, by the name line handlers know it."""
         return self.next_message()
 
+    def check(self) -> None:
+        if self.unfinished > self._max_line:
+            raise LineTooLong(self._max_line)
+
     def end(self) -> bytes | None:
         """The last line of a stream may lack its delimiter; it is still a line."""
         if self.empty:
@@ -266,10 +276,11 @@ class LineFramer(Framer):
 class LengthFramer(Framer):
     """Messages behind an unsigned length header (see ``LengthPrefixed``)."""
 
-    __slots__ = ("_adjust", "_header", "_max_size", "_unpack")
+    __slots__ = ("_adjust", "_checked", "_header", "_max_size", "_unpack")
 
     def __init__(self, header: struct.Struct, max_size: int, includes_header: bool) -> None:
         super().__init__()
+        self._checked = 0  # where the first header ``check`` has not read starts
         self._header = header.size
         self._unpack = header.unpack_from
         self._adjust = header.size if includes_header else 0
@@ -297,6 +308,19 @@ class LengthFramer(Framer):
             pass
         return size - at
 
+    def check(self) -> None:
+        at, size = max(self._checked, self._start), len(self._buffer)
+        while at + self._header <= size:
+            at += self._header + self._length(at)
+        self._checked = at
+
+    def _compact(self) -> None:
+        self._checked = max(self._checked - self._start, 0)
+        super()._compact()
+
+    def _reset(self) -> None:
+        self._checked = 0
+
     def next_message(self) -> bytes | None:
         start = self._start
         body = start + self._header
@@ -312,10 +336,11 @@ class LengthFramer(Framer):
 class NetstringFramer(Framer):
     """Messages as netstrings, ``5:hello,`` (see ``Netstring``)."""
 
-    __slots__ = ("_digits", "_max_size")
+    __slots__ = ("_checked", "_digits", "_max_size")
 
     def __init__(self, max_size: int) -> None:
         super().__init__()
+        self._checked = 0  # where the first netstring ``check`` has not read starts
         self._max_size = max_size
         self._digits = len(str(max_size))
 
@@ -347,6 +372,21 @@ class NetstringFramer(Framer):
         except ProtocolError:
             pass
         return size - at
+
+    def check(self) -> None:
+        at, size = max(self._checked, self._start), len(self._buffer)
+        while at < size and (frame := self._frame(at)) is not None and frame[1] < size:
+            if self._buffer[frame[1]] != 0x2C:  # b","
+                raise MalformedFrame("a netstring ends with a comma")
+            at = frame[1] + 1
+        self._checked = at
+
+    def _compact(self) -> None:
+        self._checked = max(self._checked - self._start, 0)
+        super()._compact()
+
+    def _reset(self) -> None:
+        self._checked = 0
 
     def next_message(self) -> bytes | None:
         frame = self._frame(self._start)

@@ -521,6 +521,11 @@ class MessageHandler(_Connection):
         if not self._async:
             self._answer_messages()
             return
+        try:
+            framer.check()  # an over-long message is refused now, not when its turn comes
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run_messages())
         self._update_reading()  # a handler behind by read_ahead bytes stops the reads

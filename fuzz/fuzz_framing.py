@@ -2,7 +2,8 @@
 
 The first input byte picks a framing and its limit, the second the chunk size; the rest
 is fed to that framing's framer in those chunks, taking every message after each chunk,
-and compared with feeding it at once (and, for lines, with a one-shot reference split).
+and compared with feeding it at once (and, for lines, with a one-shot reference split);
+``check`` ahead of the reader must find the same error reading finds.
 Only ProtocolError may escape; a framer never holds an unfinished line past its limit,
 and re-encoding the messages gives back the bytes they came from.
 ``tests/test_fuzz.py`` runs this under atheris for a bounded time.
@@ -68,6 +69,17 @@ def run(framer: Framer, body: bytes, step: int) -> Outcome:
     return got, None, framer.take_buffer()
 
 
+def check_ahead(framer: Framer, body: bytes, step: int) -> str | None:
+    """Feed in chunks calling ``check`` and taking no message: the error check finds."""
+    for start in range(0, len(body), step):
+        framer.feed(body[start : start + step])
+        try:
+            framer.check()
+        except ProtocolError as exc:
+            return type(exc).__name__
+    return None
+
+
 def reference_lines(data: bytes, limit: int) -> tuple[list[bytes], bool]:
     """The complete lines of ``data`` and whether some line breaks the limit."""
     lines: list[bytes] = []
@@ -90,6 +102,11 @@ def TestOneInput(data: bytes) -> None:
     if isinstance(framing, Lines) and framing.keep:
         want, too_long = reference_lines(body, framing.max_size)
         assert messages == want and (error == LineTooLong.__name__) == too_long
+    checked = check_ahead(framing.framer(), body, step)
+    if isinstance(framing, Lines):  # lines: only an unfinished line is checked ahead
+        assert checked in (None, error), (checked, error)
+    else:
+        assert checked == error, (checked, error)
     if error is None and not (isinstance(framing, Lines) and len(framing.delimiters) > 1):
         assert b"".join(framing.encode(m) for m in messages) + leftover == body
 

@@ -174,3 +174,22 @@ def test_a_message_handler_goodbye_is_framed_like_a_reply(clients: list[socket.s
         sock.sendall(struct.pack("!I", 2) + b"hi")
         received, _ = read_to_eof(clients, timeout=10)
     assert received == [struct.pack("!I", 2) + b"HI" + struct.pack("!I", 7) + b"goodbye"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_told_goodbye_is_left_out_of_broadcasts(
+    loop: str, clients: list[socket.socket]
+) -> None:
+    """After the goodbye our end of stream is sent: nothing more may be written to it,
+    though the peer has not closed yet (the server drops what it still sends)."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    with serving(SyncLine, loop, max_connection_age=0.3) as server:
+        ended = socket.create_connection(server.address, timeout=10)
+        clients.append(ended)
+        ended.sendall(b"hi\n")
+        assert read_line(ended) == b"HI\n"
+        assert read_line(ended) == GOODBYE
+        assert ended.recv(10) == b""  # kept open: the server lingers on it
+        assert server.call(lambda: server.server.broadcast(b"news\n")) == 0
+        ended.sendall(b"late\n")  # dropped, not answered, no reset

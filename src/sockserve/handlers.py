@@ -48,7 +48,9 @@ WRITE_HIGH_WATER = 256 * 1024
 LINGER_TIMEOUT = 5.0
 
 # How far a connection is in being ended goodbye-first (stop, reload, max age).
-_SERVING, _ENDING, _ENDED = 0, 1, 2  # ENDING: at the end of the current request
+# ENDING: at the end of the current request; ENDED: saying goodbye; LINGERING: our end
+# of stream is sent (nothing more may be written), the peer's last bytes are dropped.
+_SERVING, _ENDING, _ENDED, _LINGERING = 0, 1, 2, 3
 
 
 class _Connection(asyncio.Protocol):
@@ -138,8 +140,9 @@ class _Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (see ``drain`` for backpressure)."""
         # A transport that hit a send error is closing before connection_lost runs; asyncio
-        # logs a warning for every further write, so drop them here.
-        if not self._closed and not self._transport.is_closing():
+        # logs a warning for every further write, so drop them here, and after our end of
+        # stream (lingering), where a write raises.
+        if not self._closed and not self._transport.is_closing() and self._ending < _LINGERING:
             self.bytes_out += len(data)
             self._transport.write(data)
 
@@ -151,7 +154,7 @@ class _Connection(asyncio.Protocol):
         consumer. Returns False if the connection is closed (or just was).
         """
         transport = self._transport
-        if self._closed or transport.is_closing():
+        if self._closed or transport.is_closing() or self._ending == _LINGERING:
             return False
         self.bytes_out += len(data)
         transport.write(data)
@@ -244,11 +247,12 @@ class _Connection(asyncio.Protocol):
         for LINGER_TIMEOUT at most."""
         self._set_reason(reason)
         transport = self._transport
-        if self._closed or transport.is_closing():
+        if self._closed or transport.is_closing() or self._ending == _LINGERING:
             return
         if not transport.can_write_eof():  # TLS: its close_notify is the end of stream
             transport.close()
             return
+        self._ending = _LINGERING
         transport.set_protocol(_Lingering(self))
         transport.write_eof()
         transport.resume_reading()
@@ -511,7 +515,7 @@ class MessageHandler(_Connection):
 
     def _buffer_data(self, data: bytes) -> None:
         """Through the framer: messages in pieces, several in a chunk, or async handlers."""
-        if self._ending == _ENDED:  # saying goodbye (the fast path is off by now)
+        if self._ending >= _ENDED:  # saying goodbye (the fast path is off by now)
             return
         framer = self._framer
         if framer is None:
@@ -908,7 +912,7 @@ class StreamHandler(_Connection):
 
     def _close_after_handler(self) -> None:
         self._task = None
-        if self._ending == _ENDED:
+        if self._ending >= _ENDED:  # (_linger does nothing if already lingering)
             self._linger(self._close_reason or "server shutdown")
         elif not self._closed:
             self._set_reason("closed by handler")
@@ -917,7 +921,7 @@ class StreamHandler(_Connection):
     # Protocol side
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self._ending == _ENDED:  # saying goodbye: the handler sees the end of input
+        if self._ending >= _ENDED:  # saying goodbye: the handler sees the end of input
             return
         waiter = self._waiter
         framer = self._framer

@@ -6,7 +6,10 @@ one (the tutorial's ``data.upper()``), until no more bytes arrive for a short qu
 period. With ``--framing`` (``u32``, ``netstring``, ...) each input line is sent as one
 message and each reply message is printed on a line, escaped where not printable.
 Empty lines are never sent, a closed or unreachable server is one clear line on
-stderr, and end of input (Ctrl-D) ends the session cleanly.
+stderr (noticed at once even while the interactive client waits for input), and end of
+input (Ctrl-D) ends the session cleanly. With ``--tls``, ``--tls-cert``/``--tls-key``
+present a client certificate (mutual TLS), and a TLS failure says what it was: a
+handshake the server refused, a client certificate it requires, a plaintext server.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import asyncio
 import codecs
 import contextlib
 import os
+import select
+import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -95,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-insecure", action="store_true", help="do not verify the server's certificate"
     )
     tls.add_argument("--tls-server-name", metavar="NAME", help="the name to verify and send (SNI)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="present this PEM client certificate (mutual TLS); the key too unless --tls-key",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
 
 
 def positive(kind: type[int] | type[float]) -> Any:
@@ -138,12 +150,70 @@ def error_text(exc: BaseException) -> str:
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext:
-    """The client's TLS context from --tls-ca and --tls-insecure."""
-    context = ssl.create_default_context(cafile=args.tls_ca)
+    """The client's TLS context from --tls-ca, --tls-insecure, --tls-cert and --tls-key;
+    ValueError with a one-line message naming the option and file."""
+    try:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-ca {args.tls_ca}: {error_text(exc)}") from None
     if args.tls_insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    if args.tls_cert:
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                reason = "the key does not match the certificate"
+            elif args.tls_key:
+                reason = f"cannot load them: {error_text(exc)}"
+            else:
+                reason = "no private key in the file (give it with --tls-key)"
+            files = f"{args.tls_cert}" + (f" and --tls-key {args.tls_key}" if args.tls_key else "")
+            raise ValueError(f"--tls-cert {files}: {reason}") from None
+        except OSError as exc:
+            name = "--tls-key" if args.tls_key and exc.filename == args.tls_key else "--tls-cert"
+            raise ValueError(f"{name} {exc.filename or args.tls_cert}: {error_text(exc)}") from None
     return context
+
+
+# OpenSSL's reasons for a server's refusal of the handshake, as a user would put it.
+_REFUSALS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate"
+    " (give --tls-cert and --tls-key)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server rejected our client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the CA of our client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server says our client certificate has expired",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the server refused the TLS handshake (no common"
+    " version or cipher, or a client certificate it requires)",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the server refused our TLS version",
+    "TLSV1_ALERT_ACCESS_DENIED": "the server denied access",
+}
+# What reading a plaintext reply as TLS looks like.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
+def tls_failure(exc: BaseException, during_handshake: bool, with_cert: bool) -> str:
+    """What really failed, from an error of a TLS connection."""
+    reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the server's certificate did not verify: {exc.verify_message} ({reason})"
+    if reason in _REFUSALS:
+        return _REFUSALS[reason]
+    if reason in _NOT_TLS:
+        return "the server did not answer in TLS (is it a plaintext server?)"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and during_handshake:
+        return "no TLS handshake reply in time (is it a plaintext server waiting for a line?)"
+    if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, EOFError, BrokenPipeError)):
+        if during_handshake:
+            return "the server closed the connection during the TLS handshake"
+        if not with_cert:
+            return (
+                "the server closed the connection right after the TLS handshake (does it"
+                " require a client certificate? give --tls-cert and --tls-key)"
+            )
+        return "server closed the connection"
+    return f"TLS failed: {error_text(exc)}"
 
 
 def connect(
@@ -158,6 +228,10 @@ def connect(
             if context is not None:
                 try:
                     sock = context.wrap_socket(sock, server_hostname=args.tls_server_name or host)
+                except (OSError, ssl.SSLError) as exc:
+                    sock.close()
+                    message = tls_failure(exc, True, bool(args.tls_cert))
+                    raise ServerGone(f"cannot connect to {url}: {message}") from None
                 except BaseException:
                     sock.close()
                     raise
@@ -180,8 +254,15 @@ def connect(
                 sock.bind("")  # an autobound abstract name, so the server can reply
             sock.connect(address.sockaddr)
         if context is not None:
-            with _closing_on_error(sock):
+            try:
                 sock = context.wrap_socket(sock, server_hostname=args.tls_server_name)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                message = tls_failure(exc, True, bool(args.tls_cert))
+                raise ServerGone(f"cannot connect to {url}: {message}") from None
+            except BaseException:
+                sock.close()
+                raise
         return sock
     except (OSError, ssl.SSLError) as exc:
         raise ServerGone(f"cannot connect to {url}: {error_text(exc)}") from None
@@ -199,14 +280,43 @@ def _closing_on_error(sock: socket.socket) -> Iterator[None]:
 class Session:
     """One connection: send a line, collect its reply, print it."""
 
-    def __init__(self, sock: socket.socket, url: str, timeout: float, quiet_time: float) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        url: str,
+        timeout: float,
+        quiet_time: float,
+        with_cert: bool = False,
+    ) -> None:
         self.sock = sock
         self.url = url
         self.timeout = timeout
         self.quiet_time = quiet_time
         self.datagram = sock.type == socket.SOCK_DGRAM
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.with_cert = with_cert  # we presented a client certificate
         self.closed = False  # the server closed its end; noticed while reading
+        self.received = False  # any byte came from the server
         self.unanswered = 0
+        # Held while the socket is used; the watcher takes it while we wait for input.
+        self.lock = threading.Lock()
+
+    def closed_by_server(self) -> ServerGone:
+        """The server ended the stream; over TLS before any reply, say what that suggests."""
+        if self.tls and not self.received and not self.with_cert:
+            return ServerGone(tls_failure(EOFError(), False, False))
+        return ServerGone("server closed the connection")
+
+    def lost(self, exc: BaseException) -> ServerGone:
+        """ServerGone saying what ended the connection (over TLS: what TLS reported)."""
+        if self.tls and isinstance(exc, (ssl.SSLError, ConnectionError)):
+            message = tls_failure(exc, False, self.with_cert)
+            if message == "server closed the connection":
+                return ServerGone(message)
+            return ServerGone(f"connection to {self.url} lost: {message}")
+        if isinstance(exc, (ConnectionResetError, ssl.SSLEOFError, BrokenPipeError)):
+            return ServerGone("server closed the connection")
+        return ServerGone(f"connection to {self.url} lost: {error_text(exc)}")
 
     def _recv(self, timeout: float) -> bytes | None:
         """Bytes from the server, or None when none came within ``timeout``."""
@@ -217,12 +327,12 @@ class Session:
             return None
         except ConnectionRefusedError:
             raise ServerGone(f"cannot reach {self.url}: Connection refused") from None
-        except (ConnectionResetError, ssl.SSLEOFError):
-            raise ServerGone("server closed the connection") from None
         except (ConnectionError, ssl.SSLError) as exc:
-            raise ServerGone(f"connection to {self.url} lost: {error_text(exc)}") from None
+            raise self.lost(exc) from None
         if not data and not self.datagram:
             self.closed = True
+        elif data:
+            self.received = True
         return data
 
     def check_open(self) -> None:
@@ -236,17 +346,16 @@ class Session:
                     if not chunk:
                         self.closed = True
                         break
+                    self.received = True
                     data += chunk
             except (BlockingIOError, ssl.SSLWantReadError):
                 pass
-            except (ConnectionResetError, ssl.SSLEOFError):
-                self.closed = True
             except (ConnectionError, ssl.SSLError) as exc:
-                raise ServerGone(f"connection to {self.url} lost: {error_text(exc)}") from None
+                raise self.lost(exc) from None
             if data:
                 _print_reply(data.decode("utf-8", "replace"))
         if self.closed:
-            raise ServerGone("server closed the connection")
+            raise self.closed_by_server()
 
     def frame(self, line: bytes) -> bytes:
         """What goes on the wire for one input line."""
@@ -254,6 +363,10 @@ class Session:
 
     def send(self, line: bytes) -> None:
         """Send one line (newline added) and print its reply."""
+        with self.lock:
+            self._send(line)
+
+    def _send(self, line: bytes) -> None:
         self.check_open()
         data = self.frame(line)
         try:
@@ -264,8 +377,8 @@ class Session:
                 self.sock.sendall(data)
         except ConnectionRefusedError:
             raise ServerGone(f"cannot reach {self.url}: Connection refused") from None
-        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
-            raise ServerGone("server closed the connection") from None
+        except (ConnectionError, ssl.SSLError) as exc:
+            raise self.lost(exc) from None
         except OSError as exc:
             raise ServerGone(f"cannot send to {self.url}: {error_text(exc)}") from None
         self.receive()
@@ -293,16 +406,22 @@ class Session:
         if last and not last.endswith("\n"):
             _write("\n")
         if self.closed:
-            raise ServerGone("server closed the connection")
+            raise self.closed_by_server()
 
 
 class FramedSession(Session):
     """A session in a framing: each input line is one message, each reply one message."""
 
     def __init__(
-        self, sock: socket.socket, url: str, timeout: float, quiet_time: float, framing: Framing
+        self,
+        sock: socket.socket,
+        url: str,
+        timeout: float,
+        quiet_time: float,
+        framing: Framing,
+        with_cert: bool = False,
     ) -> None:
-        super().__init__(sock, url, timeout, quiet_time)
+        super().__init__(sock, url, timeout, quiet_time, with_cert)
         self.framing = framing
         self.framer = framing.framer()
 
@@ -330,16 +449,15 @@ class FramedSession(Session):
                     if not chunk:
                         self.closed = True
                         break
+                    self.received = True
                     self.framer.feed(chunk)
             except (BlockingIOError, ssl.SSLWantReadError):
                 pass
-            except (ConnectionResetError, ssl.SSLEOFError):
-                self.closed = True
             except (ConnectionError, ssl.SSLError) as exc:
-                raise ServerGone(f"connection to {self.url} lost: {error_text(exc)}") from None
+                raise self.lost(exc) from None
             self._print_messages()
         if self.closed:
-            raise ServerGone("server closed the connection")
+            raise self.closed_by_server()
 
     def receive(self) -> None:
         """Print one reply message (and any that came with it)."""
@@ -352,8 +470,61 @@ class FramedSession(Session):
                 _note(f"no reply within {self.timeout:g} s")
                 return
             if not chunk:
-                raise ServerGone("server closed the connection")
+                raise self.closed_by_server()
             self.framer.feed(chunk)
+
+
+class CloseWatcher:
+    """While an interactive session waits for input, notices at once that the server
+    closed the connection (or sent something unasked) instead of at the next line.
+
+    A thread waits for the socket to become readable and reads it under the session's
+    lock; when the server is gone it interrupts ``input()`` with SIGUSR1, whose handler
+    raises the ServerGone in the main thread.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.waiting = False  # the main thread is in input()
+        self.gone: ServerGone | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="close-watcher", daemon=True)
+
+    def __enter__(self) -> CloseWatcher:
+        self._previous = signal.signal(signal.SIGUSR1, self._interrupted)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        signal.signal(signal.SIGUSR1, self._previous)
+
+    def _interrupted(self, signum: int, frame: object) -> None:
+        if self.waiting and self.gone is not None:
+            self.waiting = False
+            _write("\n")  # off the prompt's line
+            raise self.gone
+
+    def _watch(self) -> None:
+        sock = self.session.sock
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.5)
+            except (OSError, ValueError):  # closed under us: the session is over
+                return
+            if not ready or not self.waiting:
+                self._stop.wait(0.05)  # the main thread reads it soon: do not spin meanwhile
+                continue
+            with self.session.lock:
+                if self._stop.is_set() or not self.waiting:
+                    continue
+                try:
+                    self.session.check_open()
+                except ServerGone as exc:
+                    self.gone = exc
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+                    return
 
 
 def escape(payload: bytes) -> str:
@@ -379,17 +550,24 @@ def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def _lines(stdin: BinaryIO, interactive: bool) -> Iterator[bytes]:
+def _lines(
+    stdin: BinaryIO, interactive: bool, watcher: CloseWatcher | None = None
+) -> Iterator[bytes]:
     """Input lines without their line ending; a prompt and line editing on a terminal."""
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  # gives input() line editing and history
         while True:
             try:
+                if watcher is not None:
+                    watcher.waiting = True
                 text = input(PROMPT)
             except EOFError:
                 _write("\n")  # the shell's prompt starts on a fresh line after Ctrl-D
                 return
+            finally:
+                if watcher is not None:
+                    watcher.waiting = False
             yield text.encode("utf-8", "surrogateescape")
     else:
         for raw in stdin:
@@ -427,9 +605,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
         try:
             context = tls_context(args)
-        except (OSError, ssl.SSLError) as exc:
-            _note(f"error: --tls-ca {args.tls_ca}: {error_text(exc)}")
+        except ValueError as exc:
+            _note(f"error: {exc}")
             return 2
+    elif args.tls_cert or args.tls_key:
+        _note("error: --tls-cert and --tls-key need --tls")
+        return 2
     try:
         sock = connect(address, args, context)
     except ServerGone as exc:
@@ -437,21 +618,24 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    url, with_cert = describe(address), bool(args.tls_cert)
     session = (
-        Session(sock, describe(address), args.timeout, args.quiet_time)
+        Session(sock, url, args.timeout, args.quiet_time, with_cert)
         if framing is None
-        else FramedSession(sock, describe(address), args.timeout, args.quiet_time, framing)
+        else FramedSession(sock, url, args.timeout, args.quiet_time, framing, with_cert)
     )
     interactive = sys.stdin.isatty()
+    watcher = CloseWatcher(session) if interactive and not datagram else None
     try:
-        for line in _lines(sys.stdin.buffer, interactive):
-            if not line.strip():
-                _note("empty line not sent")
-                continue
-            try:
-                session.send(line)
-            except ValueError as exc:  # the framing cannot carry this line
-                _note(f"not sent: {exc}")
+        with watcher if watcher is not None else contextlib.nullcontext():
+            for line in _lines(sys.stdin.buffer, interactive, watcher):
+                if not line.strip():
+                    _note("empty line not sent")
+                    continue
+                try:
+                    session.send(line)
+                except ValueError as exc:  # the framing cannot carry this line
+                    _note(f"not sent: {exc}")
     except ServerGone as exc:
         _note(str(exc))
         return 1

@@ -243,6 +243,7 @@ struct conn {
     int fd, state, retries;
     int sent, got;
     long long start_ns, done;
+    long long last_ns, max_gap_ns;  /* tcp: longest stretch of the window without an answer */
     unsigned long long seq;
     char *req, *rep;
 };
@@ -458,9 +459,11 @@ static int run_tcp(void)
     unsigned long long seq = 0;
     double cpu0 = self_cpu_s(), srv0 = proc_cpu_s(opt.cpu_pid);
     long long start = now_ns(), deadline = start + (long long)(opt.duration * 1e9);
-    for (int i = 0; i < opt.conns; i++)
+    for (int i = 0; i < opt.conns; i++) {
+        conns[i].last_ns = start;
         if (conns[i].state == C_READY && send_request(i, seq++) < 0)
             fail_conn(i);
+    }
 
     struct epoll_event evs[MAX_EVENTS];
     long long now = start;
@@ -487,6 +490,9 @@ static int run_tcp(void)
                 record(now - c->start_ns);
                 requests++;
                 c->done++;
+                if (now - c->last_ns > c->max_gap_ns)
+                    c->max_gap_ns = now - c->last_ns;
+                c->last_ns = now;
                 if (!is_upper_of(c->rep, c->req, opt.size))
                     mismatches++;
                 if (now < deadline && send_request(i, seq++) < 0)
@@ -496,16 +502,26 @@ static int run_tcp(void)
     }
     double secs = (double)(now_ns() - start) / 1e9;
     double cpu = self_cpu_s() - cpu0, srv1 = proc_cpu_s(opt.cpu_pid);
-    long long alive = 0, starved = 0;   /* starved: open, but never answered */
+    /* starved: open, but never answered; stalled: open, and some stretch of the window
+     * of more than a second went without an answer (the end of the window included). */
+    long long alive = 0, starved = 0, stalled = 0, max_gap = 0, end = start + (long long)(secs * 1e9);
     for (int i = 0; i < opt.conns; i++) {
-        alive += conns[i].state != C_FAILED && conns[i].state != C_NEW;
-        starved += conns[i].state != C_FAILED && conns[i].state != C_NEW && conns[i].done == 0;
+        struct conn *c = &conns[i];
+        if (c->state == C_FAILED || c->state == C_NEW)
+            continue;
+        long long gap = end - c->last_ns > c->max_gap_ns ? end - c->last_ns : c->max_gap_ns;
+        alive++;
+        starved += c->done == 0;
+        stalled += gap > 1000000000LL;
+        if (gap > max_gap)
+            max_gap = gap;
     }
     n_errors += mismatches;
     printf("{\"mode\": \"tcp\", \"conns\": %d, \"size\": %d, \"requests\": %lld, "
            "\"seconds\": %.6f, \"rps\": %.1f, \"mismatches\": %lld, \"alive\": %lld, "
-           "\"starved\": %lld, ", opt.conns, opt.size, requests, secs, (double)requests / secs,
-           mismatches, alive, starved);
+           "\"starved\": %lld, \"stalled_1s\": %lld, \"max_gap_us\": %.1f, ", opt.conns, opt.size,
+           requests, secs, (double)requests / secs, mismatches, alive, starved, stalled,
+           (double)max_gap / 1e3);
     print_common(connected, connect_s);
     print_latency();
     printf(", \"loadgen_cpu_s\": %.6f, \"server_cpu_s\": %.6f}\n", cpu,

@@ -453,35 +453,6 @@ def test_blocking_handlers_stuck_reading_are_released_at_the_deadline(loop: str)
         sock.close()
 
 
-def test_blocking_pool_is_bounded(loop: str) -> None:
-    running = threading.Semaphore(0)
-    release = threading.Event()
-    active: list[int] = []
-    peak: list[int] = [0]
-    lock = threading.Lock()
-
-    class Held(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            with lock:
-                active.append(1)
-                peak[0] = max(peak[0], len(active))
-            running.release()
-            release.wait(10)
-            self.request.sendall(b"done\n")
-            with lock:
-                active.pop()
-
-    with serving(Held, loop, threads=2) as server:
-        socks = [connect(server.address) for _ in range(4)]
-        assert running.acquire(timeout=5) and running.acquire(timeout=5)
-        assert not running.acquire(timeout=0.3)  # the other two wait in the backlog
-        release.set()
-        for sock in socks:
-            assert read_line(sock) == b"done\n"
-            sock.close()
-    assert peak[0] == 2
-
-
 def test_emfile_on_accept_backs_off(loop: str, caplog: pytest.LogCaptureFixture) -> None:
     """Out of descriptors: a few log lines, no spin; serving resumes when descriptors free."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -48,7 +48,7 @@ class HandlerKind:
     name: ClassVar[str]
     handler_base: ClassVar[type | None] = None
     serves_streams: ClassVar[bool] = True
-    # Datagrams take the same threads as connections: reading pauses while full.
+    # Datagrams run on a bounded pool: reading pauses while ``datagrams_full``.
     datagrams_share_capacity: ClassVar[bool] = False
 
     def __init__(self, server: Server) -> None:
@@ -65,6 +65,15 @@ class HandlerKind:
     def full(self) -> bool:
         """No room for one more connection: stop accepting until ``capacity_changed``."""
         return False
+
+    @property
+    def datagrams_full(self) -> bool:
+        """No room for one more datagram: stop reading until ``capacity_changed``."""
+        return False
+
+    def threads(self) -> tuple[int, int]:
+        """Handler threads in use, and handlers ready to run waiting for their turn."""
+        return 0, 0
 
     def serve_stream(
         self,
@@ -194,7 +203,8 @@ class DatagramKind(HandlerKind):
 
 
 class BlockingKind(HandlerKind):
-    """socketserver handlers: each connection or datagram on a thread of a bounded pool."""
+    """socketserver handlers: each connection on a thread of its own (up to
+    max_connections), each datagram on a thread of a bounded pool."""
 
     name = "blocking"
     datagrams_share_capacity = True
@@ -208,8 +218,11 @@ class BlockingKind(HandlerKind):
         return is_blocking_handler(handler)
 
     @property
-    def full(self) -> bool:
+    def datagrams_full(self) -> bool:
         return self.pool.full
+
+    def threads(self) -> tuple[int, int]:
+        return self.pool.streams + self.pool.busy, self.pool.waiting
 
     def serve_stream(
         self,
@@ -220,9 +233,7 @@ class BlockingKind(HandlerKind):
         context: ssl.SSLContext | None,
         handshake_timeout: float,
     ) -> None:
-        self.pool.submit_stream(conn, address, listener, proxy, context)
-        if self.pool.full:
-            self.ledger.capacity_changed()
+        self.pool.submit_stream(conn, address, listener, proxy, context, handshake_timeout)
 
     def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
         pool, sock = self.pool, endpoint.sock

@@ -137,6 +137,7 @@ class ConnectionLedger:
 
     def _limit_reached(self) -> None:
         now = time.monotonic()
+        self.stats.limit_reached("max_connections")
         self._pauses += 1
         if now - self._limit_logged < LIMIT_LOG_INTERVAL or self._paused_at is not None:
             return

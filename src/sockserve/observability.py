@@ -58,6 +58,13 @@ class Stats:
         self.datagrams_dropped = 0
         self.rejected_by_reason: Counter[str] = Counter()
         self.closed_by_reason: Counter[str] = Counter()
+        self.limits_reached: Counter[str] = Counter()
+        self.handler_threads = 0  # gauges, set by the blocking pool's owner
+        self.handler_waiting = 0
+
+    def limit_reached(self, limit: str) -> None:
+        """A bound was hit (``max_connections``, ``threads``): counted as well as logged."""
+        self.limits_reached[limit] += 1
 
     def rejected(self, reason: str) -> None:
         self.rejected_by_reason[_label(reason)] += 1
@@ -306,7 +313,24 @@ class Metrics:
         self.replies_dropped = counter(
             "sockserve_datagram_replies_dropped", "Datagram replies dropped: socket buffer full."
         )
+        self.limits = counter(
+            "sockserve_limits_reached",
+            "Times a bound was reached (max_connections, threads), by limit.",
+            ("limit",),
+        )
         self.restarts = counter("sockserve_worker_restarts", "Workers replaced after dying.")
+        self.handler_threads = Gauge(
+            "sockserve_handler_threads",
+            "Blocking handler threads in use.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.handler_waiting = Gauge(
+            "sockserve_handler_waiting",
+            "Blocking handlers with input ready, waiting for their turn to run.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.active = Gauge(
             "sockserve_connections_active",
             "Open connections.",
@@ -317,6 +341,7 @@ class Metrics:
         self._flushed_reasons: dict[str, Counter[str]] = {
             "rejected": Counter(),
             "closed": Counter(),
+            "limits": Counter(),
         }
         if multiprocess_dir is not None:
             from prometheus_client import multiprocess
@@ -339,17 +364,20 @@ class Metrics:
             if delta:
                 metric.inc(delta)
                 self._flushed[name] = value
-        for kind, counts, metric in (
-            ("rejected", stats.rejected_by_reason, self.rejected),
-            ("closed", stats.closed_by_reason, self.closed),
+        for kind, label, counts, metric in (
+            ("rejected", "reason", stats.rejected_by_reason, self.rejected),
+            ("closed", "reason", stats.closed_by_reason, self.closed),
+            ("limits", "limit", stats.limits_reached, self.limits),
         ):
             flushed = self._flushed_reasons[kind]
             for reason, count in counts.items():
                 delta = count - flushed[reason]
                 if delta:
-                    metric.labels(reason=reason).inc(delta)
+                    metric.labels(**{label: reason}).inc(delta)
                     flushed[reason] = count
         self.active.set(active)
+        self.handler_threads.set(stats.handler_threads)
+        self.handler_waiting.set(stats.handler_waiting)
 
     def worker_restarted(self) -> None:
         self.restarts.inc()

@@ -444,13 +444,12 @@ class Server:
         """Accept while under the limit, not backing off, not stopping."""
         if self.ledger.stopping:
             return
-        kind_full = self.kind.full
-        accepting = not self.ledger.full and not self._pacing and not kind_full
+        accepting = not self.ledger.full and not self._pacing and not self.kind.full
         for listener in self._stream:
             listener.set_reading(accepting and not listener.backing_off)
         if self.kind.datagrams_share_capacity:
             for endpoint in self._datagram:
-                endpoint.set_reading(not kind_full)
+                endpoint.set_reading(not self.kind.datagrams_full)
 
     def _accepted(self, conn: _socket.socket, address: Any, listener: Listener) -> None:
         self.ledger.accepted()
@@ -637,7 +636,7 @@ class Server:
         if self.settings.max_connection_age:
             self._end_aged()
         if self.metrics is not None:
-            self.metrics.flush(self.stats, self.ledger.open)
+            self._flush_metrics()
         self._schedule_sweep()
 
     def _end_aged(self) -> None:
@@ -650,8 +649,12 @@ class Server:
                 conn._end("max connection age")
         self.kind.end_aged(now, age)
 
+    def _update_gauges(self) -> None:
+        self.stats.handler_threads, self.stats.handler_waiting = self.kind.threads()
+
     def _flush_metrics(self) -> None:
         assert self.metrics is not None
+        self._update_gauges()
         self.metrics.flush(self.stats, self.ledger.open)
 
     async def _start_metrics(self) -> None:

@@ -103,6 +103,14 @@ def _show_size(size: int) -> str:
     return str(size)
 
 
+def stack_size(value: object) -> int:
+    """A thread stack size: a byte size from 64k to 256M."""
+    size = byte_size(value)
+    if not 64 * 1024 <= size <= 256 * 1024**2:
+        raise ValueError(f"{value!r} is outside 64k..256M")
+    return size
+
+
 def duration(value: object) -> float:
     """Seconds, >= 0: ``30``, ``2.5``, ``500ms``, ``1m``; 0 turns the timeout off."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -292,7 +300,15 @@ class Settings:
     threads: int = _setting(
         128,
         positive_int,
-        "Threads for blocking (socketserver-style) handlers; at the limit accepting waits.",
+        "Threads for blocking datagram handlers; at the limit reading waits. Blocking"
+        " stream handlers get a thread per connection, up to --max-connections.",
+    )
+    thread_stack_size: int = _setting(
+        1024 * 1024,
+        stack_size,
+        "Stack of each handler thread: room for the recursion limit's depth of Python"
+        " calls; memory is only used as a thread touches it.",
+        metavar="BYTES",
     )
     max_connections: int = _setting(
         10_000,

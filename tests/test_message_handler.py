@@ -524,3 +524,30 @@ def test_a_busy_async_handler_still_refuses_an_over_long_header_at_once(
             sock.sendall(struct.pack("!I", 1 << 30))
             assert closed_by_server(sock)  # the handler is still waiting on "first"
     assert "message longer than 1000 bytes" in caplog.text
+
+
+class BigReplies(MessageHandler):
+    """Each message answered with 16 MiB: a reply, not a push, so never a slow consumer."""
+
+    framing = LengthPrefixed("!I", max_size=32 << 20)
+
+    def handle_message(self, message: bytes) -> bytes:
+        return message * (16 << 20)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fast-path", "framer"])
+def test_replies_over_the_write_buffer_bound_are_backpressure(loop: str, split: bool) -> None:
+    """A reply larger than max_write_buffer is written and waited on, on the fast path and
+    through the framer alike; only send() and broadcast cut slow consumers."""
+    framing = BigReplies.framing
+    with serving(BigReplies, loop, max_write_buffer=1 << 20) as server:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            buffered = bytearray()
+            for _ in range(2):
+                wire = framing.encode(b"z")
+                if split:  # the reply to the first part: none; the message completes later
+                    sock.sendall(wire[:2])
+                    sock.sendall(wire[2:])
+                else:
+                    sock.sendall(wire)
+                assert read_message(sock, framing, buffered) == b"z" * (16 << 20)

@@ -461,6 +461,10 @@ class MessageHandler(_Connection):
         """
         return super().send(self.framing.encode(payload))
 
+    def _reply(self, reply: bytes) -> None:
+        """Write a reply: framed, backpressure by pausing reads (not ``send``'s cut)."""
+        self.write(self.framing.encode(reply))
+
     def _new_framer(self) -> Framer:
         return self.framing.framer()
 
@@ -562,7 +566,7 @@ class MessageHandler(_Connection):
         try:
             reply = self._handle(message)
             if reply is not None:
-                self.send(reply)
+                self._reply(reply)
         except Exception as exc:
             self._handler_error(exc)
             return False
@@ -582,7 +586,7 @@ class MessageHandler(_Connection):
                         break
                 reply = await self._handle(message)
                 if reply is not None:
-                    self.send(reply)
+                    self._reply(reply)
                     await self._wait_writable()
                 if self._ending:  # its current request is answered: the rest is not
                     break
@@ -723,6 +727,9 @@ class LineHandler(MessageHandler):
         Never waits, bounded by ``max_write_buffer`` as ``_Connection.send``.
         """
         return _Connection.send(self, payload)
+
+    def _reply(self, reply: bytes) -> None:
+        self.write(reply)
 
     def _new_framer(self) -> Framer:
         return LineFramer(self._max_line)

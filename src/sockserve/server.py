@@ -255,7 +255,10 @@ class Server:
     """Serves ``handler`` on the listeners of ``settings`` in the running event loop.
 
     ``async with Server(Handler, bind=["127.0.0.1:0"]) as server:`` starts it (bound and
-    listening, ``server.urls`` filled in) and stops it gracefully on exit.
+    listening, ``server.urls`` filled in) and stops it gracefully on exit: idle
+    connections close at once, busy ones get up to ``graceful_timeout`` (a keyword like
+    any setting; ``await server.shutdown(timeout=...)`` before leaving chooses another).
+    ``await server.serve_forever()`` serves until stopped.
     """
 
     loop: asyncio.AbstractEventLoop
@@ -385,9 +388,24 @@ class Server:
         assert self._closed_event is not None, "start() first"
         await self._closed_event.wait()
 
+    async def serve_forever(self) -> None:
+        """Start (unless started) and serve until stopped, as asyncio's ``Server`` does:
+        ``shutdown()`` from another task ends it, and so does cancelling this one, which
+        first shuts the server down gracefully (within ``graceful_timeout``)."""
+        if self._closed_event is None:
+            await self.start()
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            await self.shutdown()
+            raise
+
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting (serving what waits in the backlog), let connections finish for
-        up to ``timeout`` seconds (default: graceful_timeout), then close the rest."""
+        """Stop accepting (serving what waits in the backlog), end idle connections at
+        once and let busy ones finish for up to ``timeout`` seconds (default:
+        graceful_timeout), then close the rest. Does nothing once stopped."""
+        if self._closed_event is not None and self._closed_event.is_set():
+            return
         if timeout is None:
             timeout = self.settings.graceful_timeout
         ledger = self.ledger

@@ -201,8 +201,10 @@ def test_privileges_are_dropped_after_binding(start_server: StartServer) -> None
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     # Not under tmp_path: pytest keeps its parents root-only, so nobody could not reach it.
+    # The service's own runtime directory (as systemd's RuntimeDirectory= makes it).
     shared = Path(tempfile.mkdtemp(prefix="sockserve-priv-"))
-    shared.chmod(0o777)
+    shared.chmod(0o755)
+    os.chown(shared, nobody.pw_uid, nobody.pw_gid)
     path = shared / "app.sock"
     server = start_server(
         [

@@ -15,6 +15,7 @@ import socket
 import stat
 import struct
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ __all__ = [
     "bind_all",
     "format_sockaddr",
     "parse_address",
+    "prepare_stop",
     "systemd_listeners",
 ]
 
@@ -212,7 +214,7 @@ class Listener:
     def _remove_file(self) -> None:
         if self.unix_path and self._inode:
             with contextlib.suppress(OSError):
-                st = os.stat(self.unix_path)
+                st = os.lstat(self.unix_path)
                 if (st.st_dev, st.st_ino) == self._inode:
                     os.unlink(self.unix_path)
             self._inode = None
@@ -243,6 +245,13 @@ def _drop_new_syns() -> _SocketFilter:
         (0x06, 0, 0, 0),  # ret #0: drop
         (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: pass
     )
+
+
+def prepare_stop() -> None:
+    """Load what stopping a listener needs (ctypes, for the SYN filter) now: after a
+    privilege drop, the interpreter's own files may no longer be readable."""
+    if sys.platform == "linux":
+        _drop_new_syns()
 
 
 def _listener(sock: socket.socket, datagram: bool) -> Listener:
@@ -311,7 +320,7 @@ def _bind_inet(
 def _remove_stale_unix_socket(path: str, type_: int) -> None:
     """Remove a socket file nobody listens on; refuse to touch anything else."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
@@ -332,26 +341,80 @@ def _remove_stale_unix_socket(path: str, type_: int) -> None:
     raise OSError(errno.EADDRINUSE, f"{path} is in use by a running server")
 
 
-def _bind_unix(address: UnixAddress, backlog: int, mode: int | None) -> Listener:
-    type_ = socket.SOCK_DGRAM if address.datagram else socket.SOCK_STREAM
-    if not address.abstract:
-        _remove_stale_unix_socket(address.path, type_)
-    sock = socket.socket(socket.AF_UNIX, type_)
-    with _closing_on_error([sock]):
-        old_umask = os.umask(0o777 & ~mode) if mode is not None and not address.abstract else None
+Owner = tuple[int, int]  # (uid, gid) a Unix socket file is handed to; -1 keeps one as is
+
+
+def _check_directory(path: str) -> None:
+    """Refuse a socket directory anyone may write to without the sticky bit: anyone could
+    then replace the socket file (or the link to it) under the server's feet."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot bind unix:{path}: {directory}: {exc.strerror}") from None
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise OSError(
+            errno.EPERM,
+            f"cannot bind unix:{path}: {directory} is writable by anyone and has no sticky"
+            " bit; use a directory only the service may write to",
+        )
+
+
+def _bind_file(sock: socket.socket, path: str, mode: int | None, owner: Owner | None) -> None:
+    """Bind ``sock`` to the file ``path`` with ``mode`` (through the umask: nothing is changed
+    by path afterwards, so no link is ever followed).
+
+    With ``owner``, the socket is bound in a private directory beside ``path``, handed to
+    that user there (where nobody else can swap the file for a link), then renamed into
+    place: root never changes the owner of a path another user can replace.
+    """
+    target = path
+    private = None
+    if owner is not None:
+        private = tempfile.mkdtemp(prefix=".sockserve-", dir=os.path.dirname(os.path.abspath(path)))
+        target = os.path.join(private, "s")
+    try:
+        old_umask = os.umask(0o777 & ~mode) if mode is not None else None
         try:
-            sock.bind(address.sockaddr)
+            sock.bind(target)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"cannot bind unix:{address.path}: {reason}") from None
+            raise OSError(exc.errno, f"cannot bind unix:{path}: {exc.strerror or exc}") from None
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
-        listener = _listener(sock, address.datagram)
+        if owner is not None:
+            os.chown(target, *owner, follow_symlinks=False)
+            os.rename(target, path)
+    finally:
+        if private is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(target)  # left only if the chown or rename failed
+            os.rmdir(private)
+
+
+def _bind_unix(
+    address: UnixAddress, backlog: int, mode: int | None, owner: Owner | None = None
+) -> Listener:
+    type_ = socket.SOCK_DGRAM if address.datagram else socket.SOCK_STREAM
+    if not address.abstract:
+        _check_directory(address.path)
+        _remove_stale_unix_socket(address.path, type_)
+    sock = socket.socket(socket.AF_UNIX, type_)
+    with _closing_on_error([sock]):
+        if address.abstract:
+            try:
+                sock.bind(address.sockaddr)
+            except OSError as exc:
+                message = f"cannot bind unix:{address.path}: {exc.strerror or exc}"
+                raise OSError(exc.errno, message) from None
+        else:
+            _bind_file(sock, address.path, mode, owner)
+        # Named after the path asked for: a socket bound in a private directory reports
+        # that directory's path as its own name.
+        url = format_sockaddr(socket.AF_UNIX, address.sockaddr, address.datagram)
+        listener = Listener(sock, address.datagram, url)
         if not address.abstract:
-            if mode is not None:
-                os.chmod(address.path, mode)
-            st = os.stat(address.path)
+            st = os.lstat(address.path)
             listener.unix_path = address.path
             listener._inode = (st.st_dev, st.st_ino)
         if not address.datagram:
@@ -379,15 +442,23 @@ def adopt_fd(fd: int, backlog: int) -> Listener:
 
 
 def bind(
-    address: Address, *, backlog: int, reuse_port: bool = False, unix_mode: int | None = None
+    address: Address,
+    *,
+    backlog: int,
+    reuse_port: bool = False,
+    unix_mode: int | None = None,
+    owner: Owner | None = None,
 ) -> list[Listener]:
-    """Create, bind and listen; one address may give several sockets (a name with v4 and v6)."""
+    """Create, bind and listen; one address may give several sockets (a name with v4 and v6).
+
+    ``owner`` is the (uid, gid) a Unix socket file is handed to (the user ``--user`` drops to).
+    """
     if isinstance(address, TCPAddress):
         return _bind_inet(address.host, address.port, False, backlog, reuse_port)
     if isinstance(address, UDPAddress):
         return _bind_inet(address.host, address.port, True, backlog, reuse_port)
     if isinstance(address, UnixAddress):
-        return [_bind_unix(address, backlog, unix_mode)]
+        return [_bind_unix(address, backlog, unix_mode, owner)]
     listener = adopt_fd(address.fd, backlog)
     listener.name = address.name
     return [listener]
@@ -425,7 +496,9 @@ def addresses_of(settings: Settings) -> list[Address]:
     return list(systemd_listeners()) or [parse_address(DEFAULT_BIND)]
 
 
-def bind_all(settings: Settings, addresses: Iterable[Address] | None = None) -> list[Listener]:
+def bind_all(
+    settings: Settings, addresses: Iterable[Address] | None = None, owner: Owner | None = None
+) -> list[Listener]:
     """Bind every address (default: ``addresses_of(settings)``); all or nothing."""
     listeners: list[Listener] = []
     try:
@@ -436,6 +509,7 @@ def bind_all(settings: Settings, addresses: Iterable[Address] | None = None) -> 
                     backlog=settings.backlog,
                     reuse_port=settings.reuse_port,
                     unix_mode=settings.unix_mode,
+                    owner=owner,
                 )
             )
     except BaseException:

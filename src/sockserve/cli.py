@@ -69,28 +69,21 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _serve(handler: str | type, settings: Settings) -> int:
-    from sockserve.kinds import HandlerKindError, handler_kind
+    from sockserve.kinds import HandlerKindError
     from sockserve.observability import configure_logging
-    from sockserve.runner import HandlerImportError, check_handler_in_child, load_handler, serve
+    from sockserve.runner import HandlerImportError, StopError, serve
 
     configure_logging(settings.log_level, settings.log_format)
     for name, meant in unknown_env():
         logging.getLogger("sockserve.cli").warning(
             "ignoring %s: no such setting%s", name, f" (did you mean {meant}?)" if meant else ""
         )
-    if settings.tls_cert:
-        from sockserve.tls import server_context
-
-        server_context(settings)  # bad files fail here in one line, before any worker starts
     try:
-        if isinstance(handler, str) and (settings.workers > 1 or settings.reload):
-            check_handler_in_child(handler)  # workers import it; this process stays clean
-        else:
-            handler = load_handler(handler)
-            handler_kind(handler)
-        serve(handler, settings)
+        serve(handler, settings)  # bad TLS files and handlers fail before any worker starts
     except (HandlerKindError, HandlerImportError) as exc:
         raise UsageError(str(exc)) from None
+    except StopError:
+        return 1  # logged
     except OSError as exc:
         logging.getLogger("sockserve.cli").error("%s", os_error_text(exc))
         return 1

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ __all__ = [
     "JSONFormatter",
     "Metrics",
     "MetricsEndpoint",
+    "MetricsServer",
     "Stats",
     "TextFormatter",
     "configure_logging",
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 access_logger = logging.getLogger("sockserve.access")
+logger = logging.getLogger("sockserve.server")
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else was passed in ``extra`` and goes in the JSON.
@@ -337,6 +340,7 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self._failing = False
         self._flushed: dict[str, int] = {}
         self._flushed_reasons: dict[str, Counter[str]] = {
             "rejected": Counter(),
@@ -349,7 +353,22 @@ class Metrics:
             multiprocess.MultiProcessCollector(self.registry)
 
     def flush(self, stats: Stats, active: int) -> None:
-        """Add what ``stats`` counted since the last flush (cheap: a few additions)."""
+        """Add what ``stats`` counted since the last flush (cheap: a few additions).
+
+        Never raises: a metrics failure (a full disk, a directory we cannot write) is
+        logged once and serving, timeouts and shutdown carry on without it.
+        """
+        try:
+            self._flush(stats, active)
+        except Exception as exc:
+            self._failed("update", exc)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            logger.error("metrics %s failed (%s); serving goes on without them", what, exc)
+
+    def _flush(self, stats: Stats, active: int) -> None:
         for name, metric in (
             ("connections_total", self.connections),
             ("bytes_received", self.bytes_received),
@@ -380,13 +399,19 @@ class Metrics:
         self.handler_waiting.set(stats.handler_waiting)
 
     def worker_restarted(self) -> None:
-        self.restarts.inc()
+        try:
+            self.restarts.inc()
+        except Exception as exc:
+            self._failed("update", exc)
 
     def worker_exited(self, pid: int) -> None:
         if self.multiprocess_dir is not None:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(pid)
+            try:
+                multiprocess.mark_process_dead(pid)
+            except Exception as exc:
+                self._failed("cleanup", exc)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -403,6 +428,93 @@ def log_metrics_url(listener: Listener) -> None:
     )
 
 
+class MetricsServer:
+    """Accepts metrics scrapes on ``sock``, at most ``MAX_CONNECTIONS`` at once.
+
+    Past the cap it stops accepting (the kernel backlog holds the rest), so idle scrapers
+    cannot use up descriptors the main listeners need; each connection lives at most
+    ``MetricsEndpoint.TIMEOUT``.
+    """
+
+    MAX_CONNECTIONS = 8
+    OVERLOAD_BACKOFF = 0.1
+
+    def __init__(
+        self, sock: socket.socket, prepare: Callable[[], None], render: Callable[[], bytes]
+    ) -> None:
+        self.sock = sock
+        self.prepare = prepare
+        self.render = render
+        self.endpoints: set[MetricsEndpoint] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = 0  # accepted, not yet connected to an endpoint
+        self._reading = False
+        self._closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._set_reading(True)
+
+    def close(self) -> None:
+        self._closed = True
+        self._set_reading(False)
+        for endpoint in list(self.endpoints):
+            if endpoint.transport is not None:
+                endpoint.transport.abort()
+        for task in self._tasks:
+            task.cancel()
+
+    @property
+    def open(self) -> int:
+        return len(self.endpoints) + self._pending
+
+    def _set_reading(self, on: bool) -> None:
+        assert self.loop is not None
+        on = on and not self._closed and self.open < self.MAX_CONNECTIONS
+        if on != self._reading:
+            self._reading = on
+            if on:
+                self.loop.add_reader(self.sock.fileno(), self._accept)
+            else:
+                self.loop.remove_reader(self.sock.fileno())
+
+    def _accept(self) -> None:
+        assert self.loop is not None
+        while self.open < self.MAX_CONNECTIONS:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or memory: try again a bit later
+                logger.warning("metrics: accept failed: %s", exc)
+                self._set_reading(False)
+                self.loop.call_later(self.OVERLOAD_BACKOFF, self._set_reading, True)
+                return
+            conn.setblocking(False)
+            self._pending += 1
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._set_reading(False)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        assert self.loop is not None
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: MetricsEndpoint(self.prepare, self.render, self), sock=conn
+            )
+        except OSError:
+            conn.close()
+        finally:
+            self._pending -= 1
+            self._set_reading(True)
+
+    def ended(self, endpoint: MetricsEndpoint) -> None:
+        self.endpoints.discard(endpoint)
+        self._set_reading(True)
+
+
 class MetricsEndpoint(asyncio.Protocol):
     """Answers ``GET /metrics`` on the metrics listener: a few lines, not an HTTP server.
 
@@ -411,10 +523,17 @@ class MetricsEndpoint(asyncio.Protocol):
     """
 
     MAX_REQUEST = 8192
+    TIMEOUT = 5.0  # a scrape sends its request and is answered well within this
 
-    def __init__(self, prepare: Callable[[], None], render: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        prepare: Callable[[], None],
+        render: Callable[[], bytes],
+        owner: MetricsServer | None = None,
+    ) -> None:
         self.prepare = prepare
         self.render = render
+        self.owner = owner
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -422,7 +541,9 @@ class MetricsEndpoint(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.timer = asyncio.get_running_loop().call_later(10.0, transport.close)
+        if self.owner is not None:
+            self.owner.endpoints.add(self)
+        self.timer = asyncio.get_running_loop().call_later(self.TIMEOUT, transport.abort)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -466,3 +587,5 @@ class MetricsEndpoint(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.owner is not None:
+            self.owner.ended(self)

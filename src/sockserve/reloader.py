@@ -1,34 +1,46 @@
-"""Development reload (``--reload``): notice when the Python sources change."""
+"""Development reload (``--reload``): notice when the handler's Python sources change."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+from collections.abc import Iterable
 
 __all__ = ["SCAN_INTERVAL", "SourceWatcher"]
 
 SCAN_INTERVAL = 1.0  # seconds between two looks at the sources
 
-_SKIP_DIRS = frozenset({"__pycache__", "node_modules", "venv", "build", "dist"})
-
 
 class SourceWatcher:
-    """Remembers the modification times of the ``.py`` files under a directory."""
+    """Watches the ``.py`` files in the directories of the given module files.
 
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self._mtimes: dict[str, float] = {}
+    Those are the handler's modules under the current directory (what importing it
+    loaded): a scan lists a few directories, never a whole tree, so it stays cheap
+    wherever the server is started. A new module beside them is noticed too.
+    """
+
+    def __init__(self, files: Iterable[str]) -> None:
+        self.directories = sorted({os.path.dirname(path) for path in files})
+        self._mtimes = self._scan()
+
+    def _scan(self) -> dict[str, float]:
+        mtimes: dict[str, float] = {}
+        for directory in self.directories:
+            try:
+                entries = os.scandir(directory)
+            except OSError:
+                continue
+            with entries:
+                for entry in entries:
+                    if entry.name.endswith(".py"):
+                        try:
+                            mtimes[entry.path] = entry.stat().st_mtime
+                        except OSError:
+                            continue
+        return mtimes
 
     def changed(self) -> bool:
-        """Did any .py file change since the last call? (False on the first call.)"""
-        mtimes: dict[str, float] = {}
-        for root, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS]
-            for name in files:
-                if name.endswith(".py"):
-                    path = os.path.join(root, name)
-                    with contextlib.suppress(OSError):
-                        mtimes[path] = os.stat(path).st_mtime
-        changed = bool(self._mtimes) and mtimes != self._mtimes
+        """Did a .py file appear, go or change since the last call (or since creation)?"""
+        mtimes = self._scan()
+        changed = mtimes != self._mtimes
         self._mtimes = mtimes
         return changed

@@ -4,6 +4,7 @@ the handler import, signals for a single process, and ``serve()``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import importlib
 import logging
@@ -12,14 +13,17 @@ import pwd
 import resource
 import signal
 import socket
+import ssl
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sockserve import notify
+from sockserve import binding, notify
 from sockserve.binding import Listener, bind_all
-from sockserve.kinds import HandlerKindError, handler_kind
+from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.observability import Metrics, configure_logging
 from sockserve.server import Server
 from sockserve.settings import Settings, SettingsError, describe
@@ -27,9 +31,13 @@ from sockserve.settings import Settings, SettingsError, describe
 __all__ = [
     "HandlerImportError",
     "HandlerRef",
+    "Identity",
+    "StopError",
+    "bind_metrics",
     "check_handler_in_child",
-    "drop_privileges",
+    "check_kind",
     "load_handler",
+    "load_tls",
     "new_event_loop",
     "raise_open_file_limit",
     "run_server",
@@ -37,6 +45,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sockserve.supervisor")
+
+IMMEDIATE_STOP = 1.0  # after a second Ctrl-C, whatever still runs gets this long
+METRICS_BACKLOG = 128
 
 
 def new_event_loop(name: str) -> asyncio.AbstractEventLoop:
@@ -66,69 +77,160 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def drop_privileges(
-    user: str | None, group: str | None, listeners: Sequence[Listener] = ()
-) -> None:
-    """Switch to ``group`` and ``user`` after binding (so privileged ports still work).
+@dataclass(frozen=True)
+class Identity:
+    """The user and group ``--user``/``--group`` name, resolved once at start."""
 
-    Unix socket files made while binding are handed to that user and group first, so
-    the group's clients can connect and the server can remove them at exit.
-    """
-    if user is None and group is None:
-        return
-    uid = gid = -1
-    groups: list[int] | None = None
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
-        except KeyError:
-            raise SettingsError(f"{describe('group')}: no group {group!r}") from None
-        groups = [gid]
-    if user is not None:
-        try:
-            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise SettingsError(f"{describe('user')}: no user {user!r}") from None
-        uid = entry.pw_uid
-        if group is None:
-            gid = entry.pw_gid
-            groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    uid: int  # -1: keep the current one
+    gid: int
+    groups: list[int] | None  # supplementary groups to take, None to keep them
+
+    @classmethod
+    def of(cls, settings: Settings) -> Identity | None:
+        """None when no drop is asked for; SettingsError for an unknown user or group."""
+        user, group = settings.user, settings.group
+        if user is None and group is None:
+            return None
+        uid = gid = -1
+        groups: list[int] | None = None
+        if group is not None:
+            try:
+                gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+            except KeyError:
+                raise SettingsError(f"{describe('group')}: no group {group!r}") from None
+            groups = [gid]
+        if user is not None:
+            try:
+                entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+            except KeyError:
+                raise SettingsError(f"{describe('user')}: no user {user!r}") from None
+            uid = entry.pw_uid
+            if group is None:
+                gid = entry.pw_gid
+                groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+        return cls(uid, gid, groups)
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        """The (uid, gid) files made for this identity are handed to."""
+        return self.uid, self.gid
+
+    def assume(self, log: bool = True) -> None:
+        """Switch to this group and user for good."""
+        if self.groups is not None:
+            os.setgroups(self.groups)
+        if self.gid != -1:
+            os.setgid(self.gid)
+        if self.uid != -1:
+            os.setuid(self.uid)
+        if log:
+            logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
+
+
+def load_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context, read now (before any privilege drop, so the key may stay root's)."""
+    if not settings.tls_cert:
+        return None
+    from sockserve.tls import server_context
+
+    return server_context(settings)
+
+
+def bind_metrics(settings: Settings) -> Listener:
+    """The metrics socket, bound before any privilege drop."""
+    assert settings.metrics is not None
+    return binding.bind(binding.parse_address(settings.metrics), backlog=METRICS_BACKLOG)[0]
+
+
+def check_kind(handler: type, listeners: Sequence[Listener]) -> None:
+    """HandlerKindError unless the handler can serve every listener."""
+    kind = kind_of(handler)
+    for listener in listeners:
+        if not listener.datagram and not kind.serves_streams:
+            raise HandlerKindError(
+                f"a {kind.name} handler cannot serve stream listener {listener.url}"
+            )
+
+
+def warn_unremovable(listeners: Sequence[Listener]) -> None:
+    """After a drop: say which socket files this process cannot remove at exit."""
     for listener in listeners:
         if listener.unix_path:
-            os.chown(listener.unix_path, uid, gid)
-    if groups is not None:
-        os.setgroups(groups)
-    if gid != -1:
-        os.setgid(gid)
-    if uid != -1:
-        os.setuid(uid)
-    logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
+            directory = os.path.dirname(os.path.abspath(listener.unix_path))
+            if not os.access(directory, os.W_OK | os.X_OK):
+                logger.warning(
+                    "%s will be left behind at exit: uid %d cannot remove files in %s"
+                    " (it is removed at the next start)",
+                    listener.unix_path,
+                    os.getuid(),
+                    directory,
+                )
+
+
+class StopError(Exception):
+    """Stopping the server failed; the error was logged and the process should exit 1."""
+
+
+def _stuck_handler_threads() -> int:
+    return sum(
+        1 for t in threading.enumerate() if t.name.startswith("sockserve-handler") and t.is_alive()
+    )
 
 
 async def _serve_until_signalled(
-    server: Server, started: Callable[[Callable[[bool], None]], None] | None = None
+    server: Server,
+    started: Callable[[Callable[[bool], None]], None] | None = None,
+    early_signals: Sequence[int] = (),
 ) -> None:
     """Start, then stop gracefully on TERM/INT (a second INT stops at once); HUP reloads TLS.
 
+    The signal handlers are in place before the server accepts anything, so a signal
+    that arrives while it starts still means a graceful stop; ``early_signals`` are
+    those that arrived before this (a worker still importing its handler).
     ``started(stop)`` is called once serving, with the function that stops the server.
+    StopError if stopping failed.
     """
     loop = asyncio.get_running_loop()
-    await server.start()
+    ended: asyncio.Future[bool] = loop.create_future()  # True: the stop failed
     stopping: list[asyncio.Task[None]] = []
+    requests: list[bool] = []  # stops asked for before the server was started
+    serving = False
+
+    def end(failed: bool) -> None:
+        if not ended.done():
+            ended.set_result(failed)
+
+    def stopped(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("stopping failed: %r", exc, exc_info=exc)
+            end(True)
+        else:
+            end(False)
 
     def stop(immediate: bool) -> None:
+        if not serving:
+            requests.append(immediate)
+            return
         if immediate and stopping:
             logger.info("stopping now")
-            server.abort()
+            try:
+                server.abort()
+            except Exception:
+                logger.exception("stopping failed")
+                end(True)
+            loop.call_later(IMMEDIATE_STOP, end, False)  # whatever still runs, we go
             return
         if not stopping:
             if started is None:
                 notify.notify("STOPPING=1")
             logger.info(
-                "stopping: finishing open connections (up to %.1f s)",
+                "stopping: finishing open connections (up to %.1f s)%s",
                 server.settings.graceful_timeout,
+                "; Ctrl-C again stops at once" if interrupts[0] == 1 else "",
             )
-            stopping.append(loop.create_task(server.shutdown()))
+            task = loop.create_task(server.shutdown())
+            task.add_done_callback(stopped)
+            stopping.append(task)
 
     interrupts = [0]
 
@@ -136,25 +238,63 @@ async def _serve_until_signalled(
         interrupts[0] += 1
         stop(interrupts[0] > 1)
 
+    def on_signal(signum: int) -> None:
+        if signum == signal.SIGINT:
+            on_interrupt()
+        else:
+            stop(False)
+
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     loop.add_signal_handler(signal.SIGTERM, stop, False)
-
-    def reload() -> None:
-        notify.reloading()
-        server.reload_tls()
-        notify.notify("READY=1")
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    if started is not None:
-        started(stop)
-    else:
-        notify.notify("READY=1", f"MAINPID={os.getpid()}")
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if started is None:  # a single process; workers leave HUP and USR1 to the supervisor
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls, server)
+        loop.add_signal_handler(signal.SIGUSR1, _nothing_to_reopen)
+        handled += [signal.SIGHUP, signal.SIGUSR1]
     try:
-        await server.wait_closed()
+        for signum in early_signals:
+            on_signal(signum)
+        await server.start()
+        serving = True
+        if started is not None:
+            started(stop)
+        else:
+            notify.notify("READY=1", f"MAINPID={os.getpid()}")
+        for immediate in requests:
+            stop(immediate)
+        closed = loop.create_task(server.wait_closed())
+        closed.add_done_callback(lambda _: end(False))
+        failed = await ended
+        closed.cancel()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in handled:
             loop.remove_signal_handler(signum)
-    logger.info("stopped")
+    if failed:
+        raise StopError("stopping failed")
+    stuck = _stuck_handler_threads()
+    if stuck:
+        logger.warning(
+            "stopped; %d handler thread(s) still running past the graceful timeout are abandoned",
+            stuck,
+        )
+    else:
+        logger.info("stopped")
+
+
+def _reload_tls(server: Server) -> None:
+    """SIGHUP to a single process: re-read the TLS files (systemd hears of it either way)."""
+    notify.reloading()
+    if server.settings.tls_cert:
+        server.reload_tls()
+    else:
+        logger.info(
+            "SIGHUP: nothing to reload (no TLS certificate; new code needs --workers or a restart)"
+        )
+    notify.notify("READY=1")
+
+
+def _nothing_to_reopen() -> None:
+    logger.info("SIGUSR1: ignored (logs go to standard error: there is no log file to reopen)")
 
 
 def run_server(
@@ -163,11 +303,13 @@ def run_server(
     listeners: list[Listener] | None = None,
     *,
     started: Callable[[Callable[[bool], None]], None] | None = None,
+    early_signals: Sequence[int] = (),
     metrics: tuple[Metrics, Listener] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     admission_link: socket.socket | None = None,
 ) -> None:
-    """Serve in this process until a signal stops it (``admission_link``: a worker's
-    line to the supervisor's per-client table)."""
+    """Serve in this process until a signal stops it; StopError if stopping failed
+    (``admission_link``: a worker's line to the supervisor's per-client table)."""
     loop = new_event_loop(settings.loop)
     try:
         server = Server(
@@ -176,12 +318,26 @@ def run_server(
             listeners=listeners,
             metrics=metrics[0] if metrics else None,
             metrics_listener=metrics[1] if metrics else None,
+            ssl_context=ssl_context,
             admission_link=admission_link,
         )
-        loop.run_until_complete(_serve_until_signalled(server, started))
+        loop.run_until_complete(_serve_until_signalled(server, started, early_signals))
     finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
+        _cancel_remaining(loop)
         loop.close()
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what a failed or cut-short stop left running, waiting for it (bounded)."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        waiting = asyncio.wait(tasks, timeout=IMMEDIATE_STOP)
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(waiting)
+    with contextlib.suppress(Exception):
+        loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 HandlerRef = type | str  # a class, or "module:Class" imported in each worker
@@ -192,7 +348,11 @@ class HandlerImportError(ImportError):
 
 
 def load_handler(ref: HandlerRef) -> type:
-    """The handler class for a class or a ``module:Class`` path (cwd importable)."""
+    """The handler class for a class or a ``module:Class`` path (cwd importable).
+
+    Any failure is a HandlerImportError with a one-line message; the traceback of an
+    exception raised by the module is logged at debug level.
+    """
     if isinstance(ref, type):
         return ref
     module_name, sep, attr = ref.partition(":")
@@ -206,7 +366,9 @@ def load_handler(ref: HandlerRef) -> type:
         if exc.name and module_name.startswith(exc.name):
             message = f"cannot import {module_name!r}: no module named {exc.name!r}"
             raise HandlerImportError(message) from None
-        raise
+        raise _import_failed(module_name, exc) from None
+    except (Exception, SystemExit) as exc:
+        raise _import_failed(module_name, exc) from None
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -218,18 +380,48 @@ def load_handler(ref: HandlerRef) -> type:
     return obj
 
 
-def check_handler_in_child(ref: str) -> None:
-    """Import ``module:Class`` in a throwaway child, so a bad path fails at start while
-    this process (the supervisor) never imports user code and reloads stay fresh."""
+def _import_failed(module_name: str, exc: BaseException) -> HandlerImportError:
+    """``importing 'app' failed: SyntaxError: '(' was never closed (app.py, line 3)``."""
+    logger.debug("importing %r failed", module_name, exc_info=exc)
+    if isinstance(exc, SyntaxError):
+        text, filename, line = exc.msg, exc.filename, exc.lineno
+    else:
+        text, filename, line = str(exc), None, None
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if not frame.filename.startswith("<"):  # the last frame not in importlib
+                filename, line = frame.filename, frame.lineno
+    where = f" ({os.path.basename(filename)}, line {line})" if filename else ""
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return HandlerImportError(f"importing {module_name!r} failed: {detail}{where}")
+
+
+def check_handler_in_child(
+    ref: HandlerRef, identity: Identity | None, listeners: Sequence[Listener]
+) -> list[str]:
+    """Import the handler in a throwaway child, as the service user, and check that it
+    can serve ``listeners``: a bad handler fails at start while this process (the
+    supervisor) never imports user code, and reloads stay fresh.
+
+    Returns the files (under the current directory) of the modules the import loaded:
+    what ``--reload`` watches. HandlerImportError or HandlerKindError, one line, if bad.
+    """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(read_end)
         code = 0
         try:
-            handler_kind(load_handler(ref))
-        except (HandlerImportError, HandlerKindError) as exc:
-            os.write(write_end, str(exc).encode())
+            if identity is not None:
+                identity.assume(log=False)
+            before = set(sys.modules)
+            check_kind(load_handler(ref), listeners)
+            files = _module_files(set(sys.modules) - before)
+            os.write(write_end, "\n".join(files).encode("utf-8", "surrogateescape"))
+        except HandlerKindError as exc:
+            os.write(write_end, b"K" + str(exc).encode())
+            code = 2
+        except HandlerImportError as exc:
+            os.write(write_end, b"I" + str(exc).encode())
             code = 2
         except BaseException:
             os.write(write_end, traceback.format_exc().encode())
@@ -238,13 +430,31 @@ def check_handler_in_child(ref: str) -> None:
             os._exit(code)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
+        output = pipe.read().decode("utf-8", "surrogateescape")
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code == 2:
-        raise HandlerImportError(message)
+        raise (HandlerKindError if output[:1] == "K" else HandlerImportError)(output[1:])
     if code != 0:
-        raise RuntimeError(f"importing {ref!r} failed:\n{message}")
+        raise RuntimeError(f"checking the handler {ref!r} failed:\n{output.strip()}")
+    return [line for line in output.split("\n") if line]
+
+
+def _module_files(names: set[str]) -> list[str]:
+    """Source files of the modules ``names`` under the current directory (not those of
+    the interpreter or its virtualenv, should it live there)."""
+    cwd = os.path.join(os.getcwd(), "")
+    installed = tuple(
+        os.path.join(prefix, "") for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    )
+    files = set()
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(path, str):
+            path = os.path.abspath(path)
+            if path.startswith(cwd) and not path.startswith(installed):
+                files.add(path)
+    return sorted(files)
 
 
 def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) -> None:
@@ -253,8 +463,15 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
     ``handler`` is a class or a ``"module:Class"`` path; with workers, a path is imported
     afresh by every worker, so a SIGHUP reload picks up new code. Keywords are settings
     (``bind=["127.0.0.1:0"], workers=4, ...``). Bad values raise SettingsError; an address
-    that cannot be bound raises OSError. Logs go to stderr as the CLI's do (``log_level``,
-    ``log_format``) unless the application configured logging itself.
+    that cannot be bound raises OSError; a handler that cannot be imported raises
+    HandlerImportError; StopError if stopping failed (it was logged). Logs go to stderr
+    as the CLI's do (``log_level``, ``log_format``) unless the application configured
+    logging itself.
+
+    Everything that needs privileges (binding, the TLS key, the metrics socket) happens
+    before ``user``/``group`` are taken; the handler is imported after, as that user.
+    A handler thread still stuck when the stop is over cannot be interrupted: the
+    process then exits at once, without waiting for it.
     """
     settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
     if not logging.getLogger().handlers:
@@ -265,13 +482,31 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
 
         Supervisor(handler, settings).run()
         return
-    handler_class = load_handler(handler)
-    handler_kind(handler_class)
-    listeners = bind_all(settings)
+    identity = Identity.of(settings)
+    ssl_context = load_tls(settings)
+    listeners = bind_all(settings, owner=identity.owner if identity else None)
+    metrics: tuple[Metrics, Listener] | None = None
     try:
-        drop_privileges(settings.user, settings.group, listeners)
+        if settings.metrics:
+            metrics = (Metrics(), bind_metrics(settings))
+        binding.prepare_stop()
+        if identity is not None:
+            identity.assume()
+            warn_unremovable(listeners)
+        handler_class = load_handler(handler)
+        check_kind(handler_class, listeners)
     except BaseException:
-        for listener in listeners:
+        for listener in listeners + ([metrics[1]] if metrics else []):
             listener.close()
         raise
-    run_server(handler_class, settings, listeners)
+    code = 0
+    try:
+        run_server(handler_class, settings, listeners, metrics=metrics, ssl_context=ssl_context)
+    except StopError:
+        code = 1
+        raise
+    finally:
+        if _stuck_handler_threads():
+            # Python would wait for them at exit, forever if they never return.
+            logging.shutdown()
+            os._exit(code)

@@ -24,7 +24,7 @@ from sockserve.admission import Admission, Pacer, RemoteAdmission
 from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger, Connections, age_jitter
-from sockserve.observability import Metrics, format_peer, log_metrics_url
+from sockserve.observability import Metrics, MetricsServer, format_peer, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -272,6 +272,7 @@ class Server:
         metrics: Metrics | None = None,
         metrics_listener: Listener | None = None,
         admission_link: socket.socket | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings.replace(**kwargs) if settings else Settings(**kwargs)
@@ -287,7 +288,7 @@ class Server:
         self._datagram: list[_DatagramEndpoint] = []
         self._tasks = self.ledger.tasks
         self._closed_event: asyncio.Event | None = None
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # loaded from the settings at start if not given
         self._sweeper: asyncio.TimerHandle | None = None
         self._own_ports: frozenset[int] = frozenset()  # of datagram listeners (reflection)
         rate = self.settings.connection_rate
@@ -296,7 +297,7 @@ class Server:
         self._pacing = False  # waiting for the connection rate to allow the next accept
         self.metrics = metrics
         self._metrics_listener = metrics_listener
-        self._metrics_server: asyncio.AbstractServer | None = None
+        self._metrics_server: MetricsServer | None = None
         # With workers: the supervisor's per-client table, asked over this socket.
         self._admission_link = admission_link
 
@@ -338,7 +339,7 @@ class Server:
             remote.start(self.loop)
             self.ledger.admission = remote
         settings = self.settings
-        if settings.tls_cert:
+        if settings.tls_cert and self._ssl is None:
             from sockserve.tls import server_context
 
             self._ssl = server_context(settings)
@@ -677,8 +678,6 @@ class Server:
 
     async def _start_metrics(self) -> None:
         """Serve /metrics: our own listener, or the supervisor's shared one."""
-        from sockserve.observability import MetricsEndpoint
-
         if self.metrics is None:
             self.metrics = Metrics()
         metrics = self.metrics
@@ -686,11 +685,12 @@ class Server:
             assert self.settings.metrics is not None
             address = binding.parse_address(self.settings.metrics)
             self._metrics_listener = binding.bind(address, backlog=128)[0]
+        if not self._metrics_listener.shared:  # a worker's: the supervisor said it
             log_metrics_url(self._metrics_listener)
-        self._metrics_server = await self.loop.create_server(
-            lambda: MetricsEndpoint(self._flush_metrics, metrics.render),
-            sock=self._metrics_listener.sock,
+        self._metrics_server = MetricsServer(
+            self._metrics_listener.sock, self._flush_metrics, metrics.render
         )
+        self._metrics_server.start()
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -720,6 +720,8 @@ class Server:
             self.metrics.flush(self.stats, self.ledger.open)
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if self._metrics_listener is not None:
+            self._metrics_listener.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -2,6 +2,11 @@
 
 The worker's side of the fork is ``sockserve.worker``; ``--reload``'s source watcher is
 ``sockserve.reloader``.
+
+The supervisor keeps the rights it was started with (as nginx's master process and
+gunicorn's arbiter do): it binds every socket, reads the TLS key and re-reads it on
+reload, and runs no handler code and reads nothing from peers. Workers take the
+``--user``/``--group`` identity before they import the handler.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import select
 import selectors
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,19 +32,30 @@ from sockserve.admission import Admission, AdmissionBroker
 from sockserve.binding import Listener, addresses_of, bind_all
 from sockserve.observability import Metrics, log_metrics_url
 from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
-from sockserve.runner import HandlerRef, drop_privileges
-from sockserve.settings import Settings
-from sockserve.worker import BOOT_ERROR, Worker, heartbeat_interval
+from sockserve.runner import (
+    IMMEDIATE_STOP,
+    HandlerRef,
+    Identity,
+    bind_metrics,
+    check_handler_in_child,
+    check_kind,
+    load_tls,
+)
+from sockserve.settings import Settings, SettingsError
+from sockserve.worker import BEAT, FAILED, READY, Worker, heartbeat_interval
 
 __all__ = ["Supervisor", "SupervisorError"]
 
 logger = logging.getLogger("sockserve.supervisor")
 
 CRASH_WINDOW = 5.0  # a worker dying sooner than this after it started counts as a crash
-MAX_BACKOFF = 30.0
+FIRST_BACKOFF = 0.1  # a slot's second crash in a row waits this long, doubling each time
+MAX_BACKOFF = 10.0  # ... up to this
+ALONE_BACKOFF = 1.0  # ... but no longer than this while no other worker serves
 STOP_MARGIN = 5.0  # after the graceful timeout, workers get this long before SIGKILL
 RELOAD_TIMEOUT = 60.0  # new workers must all serve within this, or the reload is abandoned
 LINK_SEND_WAIT = 1.0  # how long an admission answer may wait for room in a worker's socket
+BOOT_FAILED = 2  # the exit status when the first workers cannot start
 
 
 @dataclass(eq=False)
@@ -45,62 +63,91 @@ class _Child:
     """The supervisor's record of one worker process."""
 
     pid: int
-    generation: int
-    beat_fd: int  # the worker writes a byte here once it serves, then every heartbeat
+    slot: int  # which of the ``workers`` places it fills
+    generation: int  # a reload starts a new one
+    beat_fd: int  # the worker writes READY here once it serves, then a BEAT now and then
     started: float
-    link: socket.socket | None = None  # the worker asks the per-client table over this
+    ssl_context: ssl.SSLContext | None
     ready: bool = False
     stopping: bool = False
     last_beat: float = 0.0
+    kill_at: float = math.inf  # SIGKILL if still running then (after a stop request)
+    failure: str = ""  # why it could not start, in its own words
+    link: socket.socket | None = None  # the worker asks the per-client table over this
+
+
+@dataclass
+class _Slot:
+    """One worker place: its own restart back-off, so one crashing worker delays no other."""
+
+    crashes: int = 0  # quick deaths in a row
+    respawn_at: float = 0.0
 
 
 class Supervisor:
     """Binds the sockets, keeps ``workers`` processes serving them, and handles signals.
 
-    TERM/INT: graceful stop of every worker; HUP: start a new generation of workers, then
-    stop the old one once the new one serves; TTIN/TTOU: one worker more or fewer. The
-    main loop does the work; signal handlers only queue the signal (as gunicorn's arbiter).
+    TERM/INT: graceful stop of every worker (a second INT: at once); HUP: start a new
+    generation of workers, then stop the old one once the new one serves; TTIN/TTOU: one
+    worker more or fewer. The main loop does the work; signal handlers only queue the
+    signal (as gunicorn's arbiter).
     """
+
+    _handled = (
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGCHLD,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGUSR1,
+    )
 
     def __init__(self, handler: HandlerRef, settings: Settings) -> None:
         self.handler = handler
         self.settings = settings
-        self.target = settings.workers
-        self.workers: dict[int, _Child] = {}
-        self.generation = 0
+        self.identity = Identity.of(settings)
+        self.slots = [_Slot() for _ in range(settings.workers)]
+        self.children: dict[int, _Child] = {}
+        self.generation = 0  # the generation serving
+        self._generations = 0
+        self.reload_generation: int | None = None  # the one starting, during a reload
+        self.reload_deadline = 0.0
+        self.reload_ssl: ssl.SSLContext | None = None
+        self.reload_pending: str | None = None  # asked for while a reload was under way
         self.signals: list[int] = []
         self.shared: list[Listener] = []  # inherited by every worker
         self.reuse_addresses: list[binding.Address] = []  # bound afresh for each worker
         self.first_reuse: list[Listener] = []  # the first worker's, bound at start
         self.stopping = False
-        self.stop_deadline = 0.0
-        self.crashes = 0
-        self.respawn_at = 0.0
-        self.reload_generation: int | None = None
-        self.reload_deadline = 0.0
         self.booted = False
         self.exit_code = 0
         self.restarts = 0
+        self.ssl_context: ssl.SSLContext | None = None
         self.metrics: tuple[Metrics, Listener] | None = None
         self.metrics_dir = ""
+        self.sources: SourceWatcher | None = None
         # Per-client limits hold for the whole server: the one table lives here.
         admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
         self.broker = AdmissionBroker(admission) if admission.enabled else None
-        self.sources = SourceWatcher(os.getcwd())
         self._last_watch = time.monotonic()
         self._next_scan = 0.0
 
     # -- setup ---------------------------------------------------------------------------
 
+    @property
+    def _owner(self) -> tuple[int, int] | None:
+        return self.identity.owner if self.identity else None
+
     def _bind(self) -> None:
         """Bind everything once; with reuse-port, note the real ports to bind per worker."""
         addresses = addresses_of(self.settings)
         if not self.settings.reuse_port:
-            self.shared = bind_all(self.settings, addresses)
+            self.shared = bind_all(self.settings, addresses, owner=self._owner)
             return
         try:
             for address in addresses:
-                listeners = bind_all(self.settings, [address])
+                listeners = bind_all(self.settings, [address], owner=self._owner)
                 if isinstance(address, (binding.TCPAddress, binding.UDPAddress)):
                     port = listeners[0].sock.getsockname()[1]
                     self.reuse_addresses.append(dataclasses.replace(address, port=port))
@@ -108,12 +155,18 @@ class Supervisor:
                 else:
                     self.shared.extend(listeners)
         except BaseException:
-            for listener in self.shared + self.first_reuse:
-                listener.close()
+            self._close_listeners()
             raise
 
+    def _close_listeners(self) -> None:
+        for listener in self.shared + self.first_reuse:
+            listener.close()
+        self.shared = []
+        self.first_reuse = []
+
     def _worker_listeners(self) -> list[Listener]:
-        """Shared sockets, plus (with reuse-port) this worker's own SO_REUSEPORT ones."""
+        """Shared sockets, plus (with reuse-port) this worker's own SO_REUSEPORT ones
+        (bound here, with the supervisor's rights, so each joins the same group)."""
         if not self.settings.reuse_port:
             return self.shared
         if self.first_reuse:
@@ -121,38 +174,74 @@ class Supervisor:
             return self.shared + first
         return self.shared + bind_all(self.settings, self.reuse_addresses)
 
+    def _prepare(self) -> None:
+        """Everything before the first worker: TLS, sockets, the handler check, metrics."""
+        self.ssl_context = load_tls(self.settings)
+        self._bind()
+        try:
+            listeners = self.shared + self.first_reuse
+            if isinstance(self.handler, str):
+                files = check_handler_in_child(self.handler, self.identity, listeners)
+            else:
+                check_kind(self.handler, listeners)
+                files = []
+            if self.settings.reload:
+                self.sources = SourceWatcher(files)
+                if not files:
+                    logger.warning("--reload: no handler module under the current directory")
+            if self.settings.metrics:
+                self._start_metrics()
+            binding.prepare_stop()
+        except BaseException:
+            self._close_listeners()
+            raise
+        for listener in listeners:
+            logger.info("listening on %s", listener.describe())
+        if self.metrics is not None:
+            log_metrics_url(self.metrics[1])
+        if self.identity is not None:
+            logger.info(
+                "workers run as uid %d gid %d",
+                os.getuid() if self.identity.uid == -1 else self.identity.uid,
+                os.getgid() if self.identity.gid == -1 else self.identity.gid,
+            )
+
+    def _start_metrics(self) -> None:
+        """Metrics in multiprocess mode (one file per worker), on a socket every worker
+        serves. The directory belongs to the workers' user, who write their files there."""
+        self.metrics_dir = tempfile.mkdtemp(prefix="sockserve-metrics-")
+        try:
+            metrics = Metrics(self.metrics_dir)  # our own file is open before any worker
+            if self.identity is not None:
+                fd = os.open(self.metrics_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchown(fd, *self.identity.owner)
+                finally:
+                    os.close(fd)
+            listener = bind_metrics(self.settings)
+            self.metrics = (metrics, listener)
+        except BaseException:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            raise
+
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        self._bind()
-        for listener in self.shared + self.first_reuse:
-            logger.info("listening on %s", listener.describe())
-        if self.settings.metrics:
-            self._start_metrics()
-        drop_privileges(self.settings.user, self.settings.group, self.shared)
+        self._prepare()
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         self._alive_r, self._alive_w = os.pipe()  # workers see EOF if the supervisor dies
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        handled = (
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGHUP,
-            signal.SIGCHLD,
-            signal.SIGTTIN,
-            signal.SIGTTOU,
-        )
-        previous = {sig: signal.signal(sig, self._queue_signal) for sig in handled}
-        logger.info("supervisor %d starting %d worker(s)", os.getpid(), self.target)
+        previous = {sig: signal.signal(sig, self._queue_signal) for sig in self._handled}
+        logger.info("supervisor %d starting %d worker(s)", os.getpid(), len(self.slots))
         try:
             with selectors.DefaultSelector() as selector:
                 self.selector = selector
                 selector.register(wake_r, selectors.EVENT_READ)
                 self._spawn_missing()
-                while self.workers or not self.stopping:
-                    timeout = self._next_timeout()
-                    for key, _ in selector.select(timeout):
+                while self.children or not self.stopping:
+                    for key, _ in selector.select(self._next_timeout()):
                         if key.fileobj is wake_r:
                             with contextlib.suppress(OSError):
                                 while wake_r.recv(4096):
@@ -160,7 +249,7 @@ class Supervisor:
                         elif key.fileobj is key.data.link:
                             self._admission_event(key.data)
                         else:
-                            self._beat_event(key.data)
+                            self._read_beats(key.data)
                     self._handle_signals()
                     self._reap()
                     self._tick()
@@ -172,8 +261,7 @@ class Supervisor:
             wake_w.close()
             os.close(self._alive_r)
             os.close(self._alive_w)
-            for listener in self.shared:
-                listener.close()
+            self._close_listeners()
             if self.metrics is not None:
                 self.metrics[1].close()
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
@@ -181,165 +269,190 @@ class Supervisor:
         if self.exit_code:
             raise SupervisorError(self.exit_code)
 
-    def _start_metrics(self) -> None:
-        """Metrics in multiprocess mode (one file per worker), on a socket every worker serves."""
-        assert self.settings.metrics is not None
-        self.metrics_dir = tempfile.mkdtemp(prefix="sockserve-metrics-")
-        try:
-            metrics = Metrics(self.metrics_dir)
-            address = binding.parse_address(self.settings.metrics)
-            listener = binding.bind(address, backlog=128)[0]
-        except BaseException:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            raise
-        self.metrics = (metrics, listener)
-        log_metrics_url(listener)
-
     def _queue_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
-        deadlines = []
-        if self.stopping:
-            deadlines.append(self.stop_deadline)
-        if self.respawn_at and len(self._live()) < self.target and not self.stopping:
-            deadlines.append(self.respawn_at)
+        deadlines = [child.kill_at for child in self.children.values()]
+        if not self.stopping:
+            deadlines += [slot.respawn_at for slot in self.slots if slot.respawn_at > now]
         if self.reload_generation is not None:
             deadlines.append(self.reload_deadline)
-        if self.settings.reload and not self.stopping:
+        if self.sources is not None and not self.stopping:
             deadlines.append(self._next_scan)
         if self.settings.worker_timeout:
             deadlines.append(self._last_watch + heartbeat_interval(self.settings))
-        return max(0.0, min(deadlines) - now) if deadlines else None
+        deadline = min(deadlines, default=math.inf)
+        return None if deadline == math.inf else max(0.0, deadline - now)
 
     def _handle_signals(self) -> None:
         while self.signals:
             signum = self.signals.pop(0)
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop(signum)
-            elif signum == signal.SIGHUP and not self.stopping:
+            elif self.stopping:
+                continue
+            elif signum == signal.SIGHUP:
                 self._reload("SIGHUP")
-            elif signum == signal.SIGTTIN and not self.stopping:
-                self.target += 1
-                logger.info("SIGTTIN: %d worker(s)", self.target)
+            elif signum == signal.SIGTTIN:
+                self.slots.append(_Slot())
+                logger.info("SIGTTIN: %d worker(s)", len(self.slots))
+                if self.reload_generation is not None:
+                    self._spawn(len(self.slots) - 1, self.reload_generation)
                 self._spawn_missing()
-            elif signum == signal.SIGTTOU and not self.stopping and self.target > 1:
-                self.target -= 1
-                logger.info("SIGTTOU: %d worker(s)", self.target)
-                oldest = min(self._live(), key=lambda w: w.started, default=None)
-                if oldest is not None:
-                    self._stop_worker(oldest, signal.SIGTERM)
+            elif signum == signal.SIGTTOU:
+                if len(self.slots) == 1:
+                    logger.info("SIGTTOU: ignored, already at 1 worker")
+                    continue
+                self.slots.pop()
+                logger.info("SIGTTOU: %d worker(s)", len(self.slots))
+                for child in self._live():
+                    if child.slot == len(self.slots):
+                        self._stop_child(child, signal.SIGTERM)
+                if self.reload_generation is not None:
+                    self._check_reload()
+            elif signum == signal.SIGUSR1:
+                logger.info("SIGUSR1: ignored (logs go to standard error: no file to reopen)")
 
-    def _stop(self, signum: int) -> None:
+    def _stop(self, signum: int, why: str = "") -> None:
+        now = time.monotonic()
         if not self.stopping:
-            logger.info(
-                "%s: stopping %d worker(s) gracefully",
-                signal.Signals(signum).name,
-                len(self.workers),
-            )
             self.stopping = True
+            logger.info(
+                "%s: stopping %d worker(s) gracefully (up to %.1f s)%s",
+                why or signal.Signals(signum).name,
+                len(self.children),
+                self.settings.graceful_timeout,
+                "; Ctrl-C again stops at once" if signum == signal.SIGINT else "",
+            )
             notify.notify("STOPPING=1")
-            self.stop_deadline = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
             # Close our copies first: the last worker to drain its backlog closes the socket.
             for listener in self.shared:
                 listener.refuse_new()
-                listener.close()
-            self.shared = []
+            self._close_listeners()
+            for child in list(self.children.values()):
+                self._stop_child(child, signal.SIGTERM)
         elif signum == signal.SIGINT:
             logger.info("SIGINT again: stopping workers now")
-        for worker in self.workers.values():
-            worker.stopping = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signum)
+            for child in list(self.children.values()):
+                self._stop_child(child, signal.SIGINT, now + 2 * IMMEDIATE_STOP)
 
     # -- workers -------------------------------------------------------------------------
 
     def _live(self) -> list[_Child]:
-        return [w for w in self.workers.values() if not w.stopping]
-
-    def _current(self) -> list[_Child]:
-        return [w for w in self._live() if w.generation == self.generation]
+        return [c for c in self.children.values() if not c.stopping]
 
     def _spawn_missing(self) -> None:
-        if self.stopping or self.reload_generation is not None:
+        """A worker of the serving generation in every slot whose back-off is over."""
+        if self.stopping:
             return
-        if self.respawn_at and time.monotonic() < self.respawn_at:
-            return
-        while len(self._current()) < self.target:
-            self._spawn()
+        now = time.monotonic()
+        filled = {c.slot for c in self._live() if c.generation == self.generation}
+        for index, slot in enumerate(self.slots):
+            if index not in filled and now >= slot.respawn_at:
+                self._spawn(index, self.generation)
 
-    def _spawn(self) -> None:
+    def _spawn(self, slot: int, generation: int) -> None:
         listeners = self._worker_listeners()
+        ssl_context = self.reload_ssl if generation == self.reload_generation else None
+        ssl_context = ssl_context or self.ssl_context
         beat_r, beat_w = os.pipe()
         link = child_link = None
         if self.broker is not None:
             link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            os.close(beat_r)
-            if link is not None:
-                link.close()
-            self._become_worker(listeners, beat_w, child_link)
+        # Signals wait until the child has its own handlers: one sent to the new pid at
+        # once must not run the supervisor's handler there (and be lost).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self._handled)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(beat_r)
+                if link is not None:
+                    link.close()
+                self._become_worker(listeners, beat_w, ssl_context, blocked, child_link)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(beat_w)
         if self.settings.reuse_port:
             for listener in listeners:
                 if listener not in self.shared:
                     listener.sock.close()
-        worker = _Child(pid, self.generation, beat_r, time.monotonic())
-        self.workers[pid] = worker
-        self.selector.register(beat_r, selectors.EVENT_READ, worker)
+        child = _Child(pid, slot, generation, beat_r, time.monotonic(), ssl_context)
+        self.children[pid] = child
+        self.selector.register(beat_r, selectors.EVENT_READ, child)
         if link is not None and child_link is not None:
             child_link.close()
             link.setblocking(False)
-            worker.link = link
-            self.selector.register(link, selectors.EVENT_READ, worker)
+            child.link = link
+            self.selector.register(link, selectors.EVENT_READ, child)
         logger.info("started worker %d", pid)
 
     def _become_worker(
-        self, listeners: list[Listener], beat_w: int, link: socket.socket | None
+        self,
+        listeners: list[Listener],
+        beat_w: int,
+        ssl_context: ssl.SSLContext | None,
+        signal_mask: set[int | signal.Signals],
+        link: socket.socket | None,
     ) -> NoReturn:
         """In the child: let go of the supervisor's descriptors, then serve as a worker."""
-        Worker.reset_signals()
-        os.close(self._alive_w)
-        for listener in self.shared:
-            listener.shared = True  # the supervisor serves it on after this worker stops
-        for child in self.workers.values():
-            if child.beat_fd >= 0:
-                os.close(child.beat_fd)
-            if child.link is not None:
-                child.link.close()
-        self.selector.close()
         worker = Worker(
             self.handler,
             self.settings,
             listeners,
             beat_fd=beat_w,
             alive_fd=self._alive_r,
+            identity=self.identity,
+            ssl_context=ssl_context,
             metrics=self.metrics,
             admission_link=link,
         )
+        worker.catch_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+        os.close(self._alive_w)
+        for listener in self.shared + ([self.metrics[1]] if self.metrics else []):
+            listener.shared = True  # the supervisor serves it on after this worker stops
+        for child in self.children.values():
+            if child.beat_fd >= 0:
+                os.close(child.beat_fd)
+            if child.link is not None:
+                child.link.close()
+        self.selector.close()
         worker.run()
 
-    def _beat_event(self, worker: _Child) -> None:
-        """The worker is ready (its first byte) or its loop is alive (every later one)."""
+    def _read_beats(self, child: _Child) -> None:
+        """READY (or FAILED and why) first, then heartbeats; EOF once the worker is gone."""
         try:
-            data = os.read(worker.beat_fd, 4096)
+            data = os.read(child.beat_fd, 4096)
         except OSError:
             data = b""
-        if not data:  # the worker is gone or never got going; _reap tells which
-            self.selector.unregister(worker.beat_fd)
-            os.close(worker.beat_fd)
-            worker.beat_fd = -1
+        if not data:
+            self._close_beats(child)
             return
-        worker.last_beat = time.monotonic()
-        if not worker.ready:
-            worker.ready = True
-            if not self.booted:
-                notify.notify("READY=1", f"MAINPID={os.getpid()}")
+        if not child.ready and not child.failure:
+            if data.startswith(FAILED):
+                child.failure = data[1:].decode(errors="replace").strip() or "no reason given"
+                return
+            if data.startswith(READY):
+                self._ready(child)
+        if data.strip(READY + BEAT):
+            return  # not a heartbeat: ignore it
+        child.last_beat = time.monotonic()
+
+    def _close_beats(self, child: _Child) -> None:
+        if child.beat_fd >= 0:
+            self.selector.unregister(child.beat_fd)
+            os.close(child.beat_fd)
+            child.beat_fd = -1
+
+    def _ready(self, child: _Child) -> None:
+        child.ready = True
+        if not self.booted:
             self.booted = True
-            if self.reload_generation is not None:
-                self._check_reload()
+            notify.notify("READY=1", f"MAINPID={os.getpid()}")
+        if self.reload_generation is not None:
+            self._check_reload()
 
     def _admission_event(self, worker: _Child) -> None:
         """A worker asks whether a client may connect, or says a connection closed."""
@@ -377,10 +490,14 @@ class Supervisor:
         if self.broker is not None:
             self.broker.worker_gone(worker.pid)
 
-    def _stop_worker(self, worker: _Child, signum: int) -> None:
-        worker.stopping = True
+    def _stop_child(self, child: _Child, signum: int, kill_at: float | None = None) -> None:
+        """Ask ``child`` to stop; SIGKILL it if it still runs at ``kill_at``."""
+        if kill_at is None:
+            kill_at = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
+        child.stopping = True
+        child.kill_at = min(child.kill_at, kill_at)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signum)
+            os.kill(child.pid, signum)
 
     def _reap(self) -> None:
         while True:
@@ -390,94 +507,133 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            worker = self.workers.pop(pid, None)
-            if worker is None:
+            child = self.children.pop(pid, None)
+            if child is None:
                 continue
-            if worker.beat_fd >= 0:
-                self.selector.unregister(worker.beat_fd)
-                os.close(worker.beat_fd)
-            self._drop_link(worker)
-            code = os.waitstatus_to_exitcode(status)
+            if child.beat_fd >= 0:  # what it wrote last (why it failed) is still there
+                os.set_blocking(child.beat_fd, False)
+                while child.beat_fd >= 0:
+                    self._read_beats(child)
+            self._drop_link(child)
             if self.metrics is not None:
                 self.metrics[0].worker_exited(pid)
-            self._worker_exited(worker, code)
+            self._exited(child, os.waitstatus_to_exitcode(status))
 
-    def _worker_exited(self, worker: _Child, code: int) -> None:
+    def _exited(self, child: _Child, code: int) -> None:
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        if worker.stopping:
-            logger.info("worker %d stopped (%s)", worker.pid, cause)
+        if child.stopping:
+            logger.info("worker %d stopped (%s)", child.pid, cause)
             return
-        if code == BOOT_ERROR and not worker.ready:
-            if self.reload_generation == worker.generation:
-                logger.error("reload failed: new workers cannot boot; keeping the old ones")
-                self._abort_reload()
-                notify.notify("READY=1")
-                return
-            if not self.booted:
-                logger.error("worker failed to boot; stopping")
-                self.exit_code = 2
-                self._stop(signal.SIGTERM)
-                return
-        logger.error("worker %d died (%s); starting a new one", worker.pid, cause)
+        if child.generation == self.reload_generation:
+            if child.failure:
+                self._reload_failed(child.failure)
+            else:
+                self._reload_failed(f"new worker {child.pid} died ({cause})")
+            return
+        if not child.ready and not self.booted:
+            logger.error(
+                "worker %d could not start: %s; stopping", child.pid, child.failure or cause
+            )
+            self.exit_code = BOOT_FAILED
+            self._stop(signal.SIGTERM, "no worker could start")
+            return
+        self._restart(child, cause)
+
+    def _restart(self, child: _Child, cause: str) -> None:
+        """Replace a worker that died, with back-off for its slot if it keeps dying."""
         self.restarts += 1
         if self.metrics is not None:
             self.metrics[0].worker_restarted()
-        if time.monotonic() - worker.started < CRASH_WINDOW:
-            self.crashes += 1
-            delay = min(MAX_BACKOFF, 0.1 * 2 ** min(self.crashes, 10))
-            self.respawn_at = time.monotonic() + delay
-            logger.warning("worker crashed soon after start; next start in %.1f s", delay)
+        if child.slot >= len(self.slots):  # its slot went away with SIGTTOU
+            logger.error("worker %d died (%s)", child.pid, cause)
+            return
+        slot = self.slots[child.slot]
+        now = time.monotonic()
+        ran = now - child.started
+        slot.crashes = slot.crashes + 1 if ran < CRASH_WINDOW else 0
+        delay = 0.0 if slot.crashes <= 1 else FIRST_BACKOFF * 2 ** (slot.crashes - 2)
+        delay = min(delay, MAX_BACKOFF)
+        if not any(c.ready for c in self._live()):  # nobody serves: come back soon
+            delay = min(delay, ALONE_BACKOFF)
+        slot.respawn_at = now + delay
+        reason = f": {child.failure}" if child.failure else ""
+        if delay:
+            logger.error(
+                "worker %d died (%s)%s %.1f s after it started; starting a new one in %.1f s",
+                child.pid,
+                cause,
+                reason,
+                ran,
+                delay,
+            )
         else:
-            self.crashes = 0
-            self.respawn_at = 0.0
+            logger.error("worker %d died (%s)%s; starting a new one", child.pid, cause, reason)
         self._spawn_missing()
 
     # -- reload --------------------------------------------------------------------------
 
     def _reload(self, why: str) -> None:
         if self.reload_generation is not None:
-            logger.info("%s: a reload is already under way", why)
+            logger.info("%s: a reload is under way; another one follows it", why)
+            self.reload_pending = why
             return
-        logger.info("%s: starting %d new worker(s)", why, self.target)
+        try:
+            self.reload_ssl = load_tls(self.settings)
+        except SettingsError as exc:
+            logger.error("%s: reload failed: %s; keeping the old workers", why, exc)
+            return
+        logger.info("%s: starting %d new worker(s)", why, len(self.slots))
         notify.reloading()
-        self.generation += 1
-        self.reload_generation = self.generation
+        self._generations += 1
+        self.reload_generation = self._generations
         self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
-        for _ in range(self.target):
-            self._spawn()
+        for index in range(len(self.slots)):
+            self._spawn(index, self.reload_generation)
 
     def _check_reload(self) -> None:
-        new = [w for w in self._live() if w.generation == self.reload_generation]
-        if len(new) >= self.target and all(w.ready for w in new):
-            for worker in self._live():
-                if worker.generation != self.reload_generation:
-                    self._stop_worker(worker, signal.SIGTERM)
-            logger.info("reload done: old workers are finishing their connections")
-            self.reload_generation = None
-            notify.notify("READY=1")
-
-    def _abort_reload(self) -> None:
-        for worker in self._live():
-            if worker.generation == self.reload_generation:
-                self._stop_worker(worker, signal.SIGKILL)
-        self.generation -= 1
+        """Once a new worker serves in every slot, the old ones stop."""
+        new = [c for c in self._live() if c.generation == self.reload_generation]
+        if not {c.slot for c in new if c.ready} >= set(range(len(self.slots))):
+            return
+        for child in self._live():
+            if child.generation != self.reload_generation:
+                self._stop_child(child, signal.SIGTERM)
+        assert self.reload_generation is not None
+        self.generation = self.reload_generation
+        self.ssl_context = self.reload_ssl
         self.reload_generation = None
+        logger.info("reload done: old workers are finishing their connections")
+        notify.notify("READY=1")
+        self._next_reload()
+
+    def _reload_failed(self, reason: str) -> None:
+        logger.error("reload failed: %s; keeping the old workers", reason)
+        for child in self._live():
+            if child.generation == self.reload_generation:
+                self._stop_child(child, signal.SIGTERM)
+        self.reload_generation = None
+        self.reload_ssl = None
+        notify.notify("READY=1")
+        self._next_reload()
+
+    def _next_reload(self) -> None:
+        if self.reload_pending is not None and not self.stopping:
+            why, self.reload_pending = self.reload_pending, None
+            self._reload(why)
 
     def _tick(self) -> None:
         now = time.monotonic()
         if self.settings.worker_timeout:
             self._watch_workers(now)
-        if self.stopping and now >= self.stop_deadline:
-            for worker in self.workers.values():
-                logger.warning("worker %d did not stop in time; killing it", worker.pid)
+        for child in self.children.values():
+            if now >= child.kill_at:
+                logger.warning("worker %d did not stop in time; killing it", child.pid)
+                child.kill_at = math.inf  # one kill; _reap sees it go
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGKILL)
-            self.stop_deadline = now + STOP_MARGIN
+                    os.kill(child.pid, signal.SIGKILL)
         if self.reload_generation is not None and now >= self.reload_deadline:
-            logger.error("reload timed out; keeping the old workers")
-            self._abort_reload()
-            notify.notify("READY=1")
-        if self.settings.reload and not self.stopping and now >= self._next_scan:
+            self._reload_failed(f"new workers did not start within {RELOAD_TIMEOUT:.0f} s")
+        if self.sources is not None and not self.stopping and now >= self._next_scan:
             self._next_scan = now + SCAN_INTERVAL
             if self.sources.changed():
                 self._reload("source change")
@@ -489,19 +645,19 @@ class Supervisor:
         if now - self._last_watch > timeout / 2:
             # We were not running either (the process group stopped with Ctrl-Z, a paused
             # VM): the workers' silence says nothing, so start counting afresh.
-            for worker in self.workers.values():
-                worker.last_beat = max(worker.last_beat, now)
+            for child in self.children.values():
+                child.last_beat = max(child.last_beat, now)
         self._last_watch = now
-        for worker in self.workers.values():
-            if worker.ready and now - worker.last_beat >= timeout:
+        for child in self.children.values():
+            if child.ready and now - child.last_beat >= timeout:
                 logger.error(
                     "worker %d unresponsive for %.1f s (its event loop is blocked); killing it",
-                    worker.pid,
-                    now - worker.last_beat,
+                    child.pid,
+                    now - child.last_beat,
                 )
-                worker.last_beat = now  # one kill; _reap replaces it
+                child.last_beat = now  # one kill; _reap replaces it
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signal.SIGKILL)
+                    os.kill(child.pid, signal.SIGKILL)
 
 
 class SupervisorError(SystemExit):

@@ -8,21 +8,34 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from typing import NoReturn
 
 from sockserve.binding import Listener
-from sockserve.kinds import HandlerKindError, handler_kind
+from sockserve.kinds import HandlerKindError
 from sockserve.observability import Metrics
-from sockserve.runner import HandlerImportError, HandlerRef, load_handler, run_server
+from sockserve.runner import (
+    HandlerImportError,
+    HandlerRef,
+    Identity,
+    StopError,
+    check_kind,
+    load_handler,
+    run_server,
+)
 from sockserve.settings import Settings
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT", "Worker", "heartbeat_interval"]
 
 logger = logging.getLogger("sockserve.supervisor")
 
-BOOT_ERROR = 3  # a worker exits with this when the handler cannot be loaded
+BOOT_ERROR = 3  # a worker exits with this when it could not start serving
 HEARTBEAT = 1.0  # a worker's loop writes a byte to the supervisor this often (at most)
+READY = b"1"  # the first byte on the beat pipe: serving
+BEAT = b"."  # every later one: the loop is alive
+FAILED = b"E"  # instead of READY: could not start; a one-line reason follows
+MAX_REASON = 2000
 
 
 def heartbeat_interval(settings: Settings) -> float:
@@ -31,10 +44,12 @@ def heartbeat_interval(settings: Settings) -> float:
 
 
 class Worker:
-    """Imports the handler and serves ``listeners`` until told to stop.
+    """Takes the service user's identity, imports the handler and serves ``listeners``
+    until told to stop.
 
-    It writes one byte to ``beat_fd`` once it serves, then one every heartbeat interval,
-    and stops when ``alive_fd`` reads EOF (the supervisor is gone).
+    It writes READY to ``beat_fd`` once it serves (or FAILED and the reason if it cannot),
+    then a BEAT every heartbeat interval, and stops when ``alive_fd`` reads EOF (the
+    supervisor is gone).
     """
 
     def __init__(
@@ -45,6 +60,8 @@ class Worker:
         *,
         beat_fd: int,
         alive_fd: int,
+        identity: Identity | None,
+        ssl_context: ssl.SSLContext | None,
         metrics: tuple[Metrics, Listener] | None,
         admission_link: socket.socket | None = None,
     ) -> None:
@@ -54,53 +71,80 @@ class Worker:
         self.listeners = listeners
         self.beat_fd = beat_fd
         self.alive_fd = alive_fd
+        self.identity = identity
+        self.ssl_context = ssl_context
         self.metrics = metrics
+        self.ready = False
+        self.early_signals: list[int] = []  # TERM/INT that came before the loop took over
 
-    @staticmethod
-    def reset_signals() -> None:
-        """Undo the supervisor's signal handling: first thing in the child after fork."""
+    def catch_signals(self) -> None:
+        """First thing in the child: TERM and INT are noted (a worker stopped while it
+        still imports serves what it accepted, then stops), the supervisor's other signals
+        ignored."""
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)  # the server's loop handles HUP once up
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._early_signal)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _early_signal(self, signum: int, frame: object) -> None:
+        self.early_signals.append(signum)
 
     def run(self) -> NoReturn:
         """Serve, then exit the process: never returns."""
         code = 0
         try:
             os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+            if self.identity is not None:
+                self.identity.assume(log=False)
             try:
                 handler = load_handler(self.handler)
-                handler_kind(handler)
+                check_kind(handler, self.listeners)
             except (HandlerImportError, HandlerKindError) as exc:
-                logger.error("worker %d cannot load the handler: %s", os.getpid(), exc)
-                os._exit(BOOT_ERROR)
-            run_server(
-                handler,
-                self.settings,
-                self.listeners,
-                started=self._started,
-                metrics=self.metrics,
-                admission_link=self.admission_link,
-            )
-        except BaseException:
-            logger.exception("worker %d failed", os.getpid())
+                self._failed(str(exc))
+                code = BOOT_ERROR
+            else:
+                run_server(
+                    handler,
+                    self.settings,
+                    self.listeners,
+                    started=self._started,
+                    early_signals=self.early_signals,
+                    metrics=self.metrics,
+                    ssl_context=self.ssl_context,
+                    admission_link=self.admission_link,
+                )
+        except StopError:
             code = 1
+        except BaseException as exc:
+            if self.ready:
+                logger.exception("worker %d failed", os.getpid())
+                code = 1
+            else:
+                logger.debug("worker %d could not start", os.getpid(), exc_info=exc)
+                self._failed(f"{type(exc).__name__}: {exc}")
+                code = BOOT_ERROR
         finally:
             logging.shutdown()
             os._exit(code)
 
+    def _failed(self, reason: str) -> None:
+        """Tell the supervisor why this worker cannot serve (one write: one message)."""
+        with contextlib.suppress(OSError):
+            os.write(self.beat_fd, FAILED + reason.encode(errors="replace")[:MAX_REASON])
+
     def _started(self, stop: Callable[[bool], None]) -> None:
         """Serving: say so, start the heartbeat, and watch for the supervisor's death."""
         loop = asyncio.get_running_loop()
-        os.write(self.beat_fd, b"1")
+        os.write(self.beat_fd, READY)
+        self.ready = True
         os.set_blocking(self.beat_fd, False)
         interval = heartbeat_interval(self.settings)
 
         def beat() -> None:
             with contextlib.suppress(BlockingIOError):
-                os.write(self.beat_fd, b".")
+                os.write(self.beat_fd, BEAT)
             loop.call_later(interval, beat)
 
         if interval:

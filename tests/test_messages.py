@@ -201,3 +201,13 @@ def test_serve_logs_like_the_cli_unless_logging_is_configured(app_dir: Path) -> 
                 assert url.startswith("tcp://127.0.0.1:")
         finally:
             server.stop()
+
+
+def test_proxy_from_with_a_unix_listener_is_explained(app_dir: Path, start_server: Start) -> None:
+    sock_path = app_dir / "p.sock"
+    proxy = ["--proxy-protocol", "v1", "--proxy-from", "10.0.0.0/8"]
+    server = start_server(["run", "app:Echo", "-b", f"unix:{sock_path}", *proxy], cwd=str(app_dir))
+    server.read_until(
+        rf"PROXY headers on unix:{re.escape(str(sock_path))} are refused from every peer:"
+        r" --proxy-from lists IP networks and a Unix socket peer has none"
+    )

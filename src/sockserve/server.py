@@ -369,11 +369,8 @@ class Server:
         self._update_accepting()
         for listener in self.listeners:
             logger.info("listening on %s", listener.describe())
-        if settings.proxy_protocol != "off" and not settings.proxy_from:
-            logger.warning(
-                "PROXY headers are accepted from any peer: set --proxy-from to the load"
-                " balancers' addresses"
-            )
+        if settings.proxy_protocol != "off":
+            self._warn_proxy_trust()
         if settings.metrics:
             await self._start_metrics()
         if (
@@ -383,6 +380,23 @@ class Server:
             or self.metrics is not None
         ):
             self._schedule_sweep()
+
+    def _warn_proxy_trust(self) -> None:
+        """Say at start whom PROXY headers are taken from, where that is not obvious."""
+        unix = [s.listener.url for s in self._stream if s.listener.family == socket.AF_UNIX]
+        inet = len(unix) < len(self._stream)
+        if self.settings.proxy_from and unix:
+            logger.warning(
+                "PROXY headers on %s are refused from every peer: --proxy-from lists IP"
+                " networks and a Unix socket peer has none (the socket file's permissions,"
+                " --unix-mode, decide who may connect there: serve it without --proxy-from)",
+                ", ".join(unix),
+            )
+        elif inet and not self.settings.proxy_from:
+            logger.warning(
+                "PROXY headers are accepted from any peer: set --proxy-from to the load"
+                " balancers' addresses"
+            )
 
     async def wait_closed(self) -> None:
         """Wait until the server has stopped."""

@@ -424,7 +424,10 @@ class Settings:
     proxy_from: tuple[Network, ...] = _setting(
         (),
         networks,
-        "Peers allowed to send a PROXY header (CIDR); repeatable. Empty: any peer.",
+        "Peers allowed to send a PROXY header (CIDR); repeatable. Empty: any peer. A Unix"
+        " socket peer has no address and never matches: with this set, PROXY on a Unix"
+        " listener refuses everyone (its file's permissions, --unix-mode, decide who may"
+        " connect).",
         metavar="CIDR",
         repeatable=True,
     )

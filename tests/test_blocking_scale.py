@@ -17,6 +17,7 @@ import pytest
 import trustme
 
 from serving import LOOPS, closed_by_server, connect, read_line, serving
+from sockserve import blocking
 from sockserve.handlers import LineHandler, StreamHandler
 from sockserve.proxy_protocol import encode_v1
 
@@ -152,7 +153,15 @@ def test_max_connections_reached_is_logged_and_counted(
             sock.close()
 
 
-def test_a_handler_blocked_elsewhere_does_not_stall_the_others(loop: str) -> None:
+@pytest.fixture
+def through_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read waits through the ReadyQueue, however few the connections."""
+    monkeypatch.setattr(blocking, "DIRECT_WAIT_MAX", 0)
+
+
+def test_a_handler_blocked_elsewhere_does_not_stall_the_others(
+    loop: str, through_the_queue: None
+) -> None:
     """More sleeping handlers than run slots: an echo still comes back at once."""
     with serving(SleepOrEcho, loop) as server:
         sleepers = [connect(server.address) for _ in range(6)]
@@ -222,6 +231,18 @@ def test_the_idle_timeout_closes_every_kind_of_connection(
         while not stats.closed_by_reason["idle timeout"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert stats.closed_by_reason["idle timeout"] == 1
+
+
+@pytest.mark.parametrize("handler", [BlockingUpper, TutorialBlocking], ids=lambda h: h.__name__)
+def test_the_idle_timeout_closes_blocking_connections_waiting_in_the_queue(
+    loop: str, handler: type, through_the_queue: None
+) -> None:
+    with serving(handler, loop, idle_timeout=0.5) as server, connect(server.address) as sock:
+        sock.sendall(b"hi\n")
+        assert read_line(sock) == b"HI\n"
+        started = time.monotonic()
+        assert read_line(sock) == b""
+        assert 0.4 < time.monotonic() - started < 4
 
 
 # -- TLS handshakes in the event loop -----------------------------------------------------

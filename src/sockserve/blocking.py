@@ -65,6 +65,10 @@ RUN_SLOTS = 2
 # A slot held this long without the thread coming back to read is given to the next
 # ready client: its holder is busy with something else (sleeping, a database call).
 HOLD = 0.002
+# With this many stream connections or fewer, threads wait for input in the kernel's
+# recv, as socketserver's do: so few wake together that the queue's hand-offs would cost
+# more than the contention they save (docs/benchmarks.md, the 64-client point).
+DIRECT_WAIT_MAX = 128
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
@@ -173,6 +177,13 @@ class ReadyQueue:
     def close(self) -> None:
         self.epoll.close()
         os.close(self.kick)
+
+    def give_up(self, waiter: _Waiter) -> None:
+        """The thread is about to wait outside the queue: its slot goes to the next."""
+        with self.lock:
+            self._unslot(waiter)
+            wake = self._dispatch()
+        self._wake(wake)
 
     def enter(self, waiter: _Waiter) -> None:
         """Wait for a run slot (a new connection, before its handler starts)."""
@@ -379,6 +390,23 @@ class _Idle:
         self.expired = True
         raise IdleTimeout(f"idle for {limit:.1f} s")
 
+    def direct(self) -> bool:
+        """Whether to wait for input in the kernel (few connections, or no epoll); the
+        run slot, if any, is given up first."""
+        queue, waiter = self.queue, self.waiter
+        if queue is None or waiter is None:
+            return True
+        if len(queue.waiters) > DIRECT_WAIT_MAX:
+            return False
+        if waiter.slot:
+            queue.give_up(waiter)
+        return True
+
+    def expire(self) -> None:
+        """A kernel wait ran out (SO_RCVTIMEO): the connection was idle."""
+        self.expired = True
+        raise IdleTimeout(f"idle for {self.idle_timeout or 0:.1f} s")
+
     def release(self) -> None:
         if self.queue is not None and self.waiter is not None:
             self.queue.unregister(self.waiter)
@@ -401,6 +429,12 @@ class HandlerSocket(socket.socket):
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self.gettimeout() is not None or flags & _WAITALL:
             data = _recv(self, bufsize, flags)
+        elif self._idle.direct():
+            try:
+                data = _recv(self, bufsize, flags)
+            except BlockingIOError:
+                self._idle.expire()
+                raise
         else:
             while True:
                 try:
@@ -414,6 +448,12 @@ class HandlerSocket(socket.socket):
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         if self.gettimeout() is not None or flags & _WAITALL:
             n = _recv_into(self, buffer, nbytes, flags)
+        elif self._idle.direct():
+            try:
+                n = _recv_into(self, buffer, nbytes, flags)
+            except BlockingIOError:
+                self._idle.expire()
+                raise
         else:
             while True:
                 try:

@@ -521,10 +521,13 @@ def summary(results: Results, options: Options) -> dict[str, Any]:
             "unexpected": errors.unexpected,
             "timeout": errors.timeout,
         },
+        # No reply, no latency: null, not a row of zeros that reads as "instant".
         "latency_ms": {
             **{f"p{p:g}": round(latency.percentile(p) / 1e6, 4) for p in PERCENTILES},
             "max": round(latency.max / 1e6, 4),
-        },
+        }
+        if latency.count
+        else None,
         "interrupted": results.interrupted,
     }
 
@@ -557,7 +560,12 @@ def format_summary(data: dict[str, Any]) -> str:
         f"throughput   {data['throughput']:.1f} req/s, "
         f"{_human_bytes(data['bytes_per_second'])}/s in and out",
         f"errors       {data['errors']}" + (f" ({shown})" if shown else ""),
-        "latency ms   " + "  ".join(f"{name} {value:.3f}" for name, value in latency.items()),
+        "latency ms   "
+        + (
+            "  ".join(f"{name} {value:.3f}" for name, value in latency.items())
+            if latency is not None
+            else "- (no replies)"
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -656,7 +656,7 @@ def test_async_line_handler_behind_a_flood_stays_bounded(loop: str) -> None:
 def test_async_datagram_handlers_run_a_bounded_number_at_once(loop: str) -> None:
     """A flood of datagrams for a slow async handler: at most DATAGRAM_CONCURRENCY run,
     then reading pauses (the kernel buffer holds or drops the rest, as UDP does)."""
-    from sockserve.server import DATAGRAM_CONCURRENCY
+    from sockserve.listeners import DATAGRAM_CONCURRENCY
 
     class Stuck(sockserve.DatagramHandler):
         async def handle_datagram(self, data: bytes, client_address: Any) -> bytes:

@@ -20,7 +20,6 @@ Datagram handlers run on a bounded pool (``--threads``): at the bound, reading p
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import builtins
 import collections
@@ -620,7 +619,7 @@ class BlockingPool:
 
     def submit_stream(
         self,
-        accepted: _socket.socket,
+        accepted: socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,

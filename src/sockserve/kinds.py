@@ -8,7 +8,6 @@ listed in ``KINDS``.
 
 from __future__ import annotations
 
-import _socket
 import asyncio
 import contextlib
 import socket
@@ -22,8 +21,9 @@ from sockserve.handlers import DatagramHandler, MessageHandler, StreamHandler, _
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
+    from sockserve.listeners import DatagramEndpoint
     from sockserve.proxy_protocol import ProxyHeader
-    from sockserve.server import Server, _DatagramEndpoint
+    from sockserve.server import Server
 
 __all__ = ["KINDS", "HandlerKind", "HandlerKindError", "handler_kind", "kind_of"]
 
@@ -77,7 +77,7 @@ class HandlerKind:
 
     def serve_stream(
         self,
-        conn: _socket.socket,
+        conn: socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,
@@ -87,7 +87,7 @@ class HandlerKind:
         """Serve an accepted, admitted connection until it closes (without blocking)."""
         raise NotImplementedError
 
-    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+    def datagram_answer(self, endpoint: DatagramEndpoint) -> DatagramAnswer:
         raise HandlerKindError(
             f"a {self.name} handler cannot serve datagram listener {endpoint.listener.url}"
         )
@@ -112,7 +112,7 @@ class _AsyncKind(HandlerKind):
 
     def serve_stream(
         self,
-        conn: _socket.socket,
+        conn: socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,
@@ -131,7 +131,7 @@ class _AsyncKind(HandlerKind):
 
     async def _connect(
         self,
-        conn: _socket.socket,
+        conn: socket.socket,
         handler: _Connection,
         context: ssl.SSLContext | None,
         timeout: float,
@@ -139,13 +139,10 @@ class _AsyncKind(HandlerKind):
         loop = self.ledger.loop
         try:
             if context is None:
-                await loop.connect_accepted_socket(lambda: handler, conn)  # type: ignore[arg-type]
+                await loop.connect_accepted_socket(lambda: handler, conn)
             else:
                 await loop.connect_accepted_socket(
-                    lambda: handler,
-                    conn,  # type: ignore[arg-type]  # any socket object will do
-                    ssl=context,
-                    ssl_handshake_timeout=timeout,
+                    lambda: handler, conn, ssl=context, ssl_handshake_timeout=timeout
                 )
         except Exception as exc:
             # Failed handshake, plaintext on a TLS port, a peer gone before we started; or
@@ -170,7 +167,7 @@ class LineKind(_AsyncKind):
     name = "line"
     handler_base = MessageHandler
 
-    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+    def datagram_answer(self, endpoint: DatagramEndpoint) -> DatagramAnswer:
         handler = self.handler_class()
         handler._attach(self.server, self.ledger, None, endpoint.listener.url)
 
@@ -195,7 +192,7 @@ class DatagramKind(HandlerKind):
     handler_base = DatagramHandler
     serves_streams = False
 
-    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+    def datagram_answer(self, endpoint: DatagramEndpoint) -> DatagramAnswer:
         handler = self.handler_class()
         handler._attach(self.server, endpoint.listener.url)
         answer = handler.handle_datagram
@@ -226,7 +223,7 @@ class BlockingKind(HandlerKind):
 
     def serve_stream(
         self,
-        conn: _socket.socket,
+        conn: socket.socket,
         address: Any,
         listener: Listener,
         proxy: ProxyHeader | None,
@@ -235,7 +232,7 @@ class BlockingKind(HandlerKind):
     ) -> None:
         self.pool.submit_stream(conn, address, listener, proxy, context, handshake_timeout)
 
-    def datagram_answer(self, endpoint: _DatagramEndpoint) -> DatagramAnswer:
+    def datagram_answer(self, endpoint: DatagramEndpoint) -> DatagramAnswer:
         pool, sock = self.pool, endpoint.sock
 
         def answer(data: bytes, address: Any) -> None:

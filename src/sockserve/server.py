@@ -1,17 +1,16 @@
-"""The event-loop server: accept, connection lifecycle, limits, draining.
+"""The event-loop server: start, stop, when to accept, housekeeping.
 
 One ``Server`` serves one handler class on any mix of stream and datagram listeners in
 one event loop. It accepts connections itself (not through ``loop.create_server``) so it
 can pause at ``max_connections``, back off on EMFILE, drain the backlog on shutdown and
-read a PROXY header before TLS starts, each without help from the loop.
+read a PROXY header before TLS starts, each without help from the loop. The parts:
+``listeners`` accept and read datagrams, the ``gate`` admits, the handler ``kinds``
+serve, the ``lifecycle`` ledger accounts; docs/architecture.md draws who calls whom.
 """
 
 from __future__ import annotations
 
-import _socket
 import asyncio
-import contextlib
-import errno
 import logging
 import socket
 import ssl
@@ -20,32 +19,22 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sockserve import binding
-from sockserve.admission import Admission, Pacer, RemoteAdmission
+from sockserve.admission import RemoteAdmission
 from sockserve.binding import Listener
+from sockserve.gate import Gate
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger, Connections, age_jitter
-from sockserve.observability import Metrics, MetricsServer, format_peer, log_metrics_url
+from sockserve.listeners import DatagramEndpoint, StreamListener
+from sockserve.observability import Metrics, MetricsServer, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from sockserve.handlers import _Connection
-    from sockserve.proxy_protocol import ProxyHeader
 
 __all__ = ["HandlerKindError", "Server"]
 
 logger = logging.getLogger("sockserve.server")
 
-# Accept errors that mean "out of a resource": back off and retry (as trio does), never spin.
-OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_BACKOFF = 0.1
-# Connections accepted per readiness event, so one busy listener cannot starve the others.
-ACCEPT_BATCH = 256
-DATAGRAM_BATCH = 64
-# Host strings remembered per listener so that connections from one peer share them.
-SHARED_HOSTS = 1024
-# Async datagram handlers running at once per listener before reading pauses.
-DATAGRAM_CONCURRENCY = 1024
-PROXY_PEEK = 16 + 4096
 # Past the graceful timeout, connections get this long to close gracefully (our end of
 # stream sent, their last bytes read) before they are aborted.
 LINGER_BEFORE_ABORT = 1.0
@@ -53,202 +42,6 @@ LINGER_BEFORE_ABORT = 1.0
 SWEEPS_PER_TIMEOUT = 10
 SWEEP_MIN_INTERVAL = 0.05
 SWEEP_MAX_INTERVAL = 1.0
-# A handshake left no time by the PROXY header still gets this long.
-MIN_HANDSHAKE_LEFT = 0.001
-
-
-class _StreamListener:
-    """Accepts connections from one listening socket while the server allows it."""
-
-    def __init__(self, server: Server, listener: Listener) -> None:
-        self.server = server
-        self.listener = listener
-        self.sock = listener.sock
-        self.reading = False
-        self.backing_off = False
-        self.hosts: dict[str, str] = {}  # peers' host strings, shared by their connections
-
-    def set_reading(self, on: bool) -> None:
-        if on == self.reading:
-            return
-        self.reading = on
-        if on:
-            self.server.loop.add_reader(self.sock.fileno(), self.accept_ready)
-        else:
-            self.server.loop.remove_reader(self.sock.fileno())
-
-    def accept_ready(self, limit: int = ACCEPT_BATCH, draining: bool = False) -> None:
-        server = self.server
-        sock = self.sock
-        hosts = self.hosts
-        pacer = None if draining else server._pacer
-        for _ in range(limit):
-            if pacer is not None and pacer.wait(server.loop.time()):
-                server._pace()
-                return
-            try:
-                fd, addr = sock._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in OVERLOAD_ERRNOS:
-                    server.ledger.overload_log(
-                        "accept() on %s failed: %s; backing off %.1f s",
-                        self.listener.url,
-                        exc.strerror,
-                        ACCEPT_BACKOFF,
-                    )
-                    self.backing_off = True
-                    server.loop.call_later(ACCEPT_BACKOFF, self.end_backoff)
-                    server._update_accepting()
-                    return
-                # ECONNABORTED, EPROTO, EPERM (firewall): that one peer is gone; go on.
-                logger.debug("accept() on %s failed: %s", self.listener.url, exc)
-                continue
-            # The transport keeps this object for the connection's life: a bare
-            # _socket.socket is 40 bytes smaller than the socket.socket accept() wraps.
-            conn = _socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
-            if type(addr) is tuple:  # an IP peer (a Unix peer's address is a str)
-                # Its connections share one host string: 64 bytes less for each idle one
-                # behind a load balancer or a NAT.
-                if (host := hosts.get(addr[0])) is not None:
-                    addr = (host, *addr[1:])
-                else:
-                    if len(hosts) >= SHARED_HOSTS:
-                        hosts.clear()
-                    hosts[addr[0]] = addr[0]
-            if pacer is not None:
-                pacer.take(server.loop.time())
-            server._accepted(conn, addr, self.listener)
-            if not self.reading and not draining:  # paused: limit reached or stopping
-                return
-
-    def end_backoff(self) -> None:
-        # A flag, not a deadline: uvloop's clock may read a hair early when the timer fires.
-        self.backing_off = False
-        self.server._update_accepting()
-
-    def drain_backlog(self) -> None:
-        """Accept every connection already waiting, ignoring the limit (used when stopping)."""
-        self.accept_ready(limit=1 << 30, draining=True)
-
-
-class _DatagramEndpoint:
-    """Reads datagrams itself: one preallocated buffer, no per-datagram 256 KiB allocation."""
-
-    def __init__(self, server: Server, listener: Listener) -> None:
-        self.server = server
-        self.listener = listener
-        self.sock = listener.sock
-        self.max_size = server.settings.max_datagram
-        self.buffer = bytearray(self.max_size + 1)
-        self.view = memoryview(self.buffer)
-        self.reading = False
-        self.in_flight = 0
-        answer = server.kind.datagram_answer(self)
-        self.answer = answer.answer
-        self.is_async = answer.is_async
-        self.handler = answer.handler
-
-    def start(self) -> None:
-        if self.handler is not None:
-            self.handler.setup()
-        self.set_reading(True)
-
-    def set_reading(self, on: bool) -> None:
-        if on == self.reading:
-            return
-        self.reading = on
-        if on:
-            self.server.loop.add_reader(self.sock.fileno(), self.ready)
-        else:
-            self.server.loop.remove_reader(self.sock.fileno())
-
-    def ready(self) -> None:
-        server = self.server
-        ledger = server.ledger
-        stats = ledger.stats
-        own_ports = server._own_ports
-        for _ in range(DATAGRAM_BATCH):
-            try:
-                size, address = self.sock.recvfrom_into(self.buffer)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error of an earlier reply
-                logger.debug("recvfrom on %s failed: %s", self.listener.url, exc)
-                continue
-            stats.datagrams += 1
-            stats.bytes_received += size
-            if type(address) is tuple and address[1] in own_ports and _is_local(address[0]):
-                # From one of our own sockets (a spoofed source): answering it would make
-                # the server answer itself forever.
-                ledger.rejected("own address")
-                ledger.reflection_log(
-                    "dropped a datagram from %s on %s: it claims to come from this server's"
-                    " own address (answering would loop)",
-                    address,
-                    self.listener.url,
-                )
-                continue
-            if size > self.max_size:
-                stats.datagrams_oversized += 1
-                ledger.oversize_log(
-                    "dropped a datagram from %s on %s: larger than %d bytes",
-                    address,
-                    self.listener.url,
-                    self.max_size,
-                )
-                continue
-            data = self.buffer[:size]
-            if self.is_async:
-                self.in_flight += 1
-                ledger.spawn(self._answer_async(bytes(data), address))
-                if self.in_flight >= DATAGRAM_CONCURRENCY:
-                    self.set_reading(False)
-                    return
-                continue
-            try:
-                reply = self.answer(bytes(data), address)
-            except Exception as exc:
-                ledger.handler_failed(address, exc)
-                continue
-            if reply is not None:
-                self.send(reply, address)
-            if not self.reading:
-                return
-
-    async def _answer_async(self, data: bytes, address: Any) -> None:
-        try:
-            reply = await self.answer(data, address)
-            if reply is not None:
-                self.send(reply, address)
-        except Exception as exc:
-            self.server.ledger.handler_failed(address, exc)
-        finally:
-            self.in_flight -= 1
-            if self.in_flight < DATAGRAM_CONCURRENCY // 2 and not self.server.ledger.stopping:
-                self.set_reading(True)
-
-    def send(self, reply: bytes, address: Any) -> None:
-        if not address:  # an unbound Unix datagram client cannot be answered
-            return
-        try:
-            self.sock.sendto(reply, address)
-        except (BlockingIOError, InterruptedError):
-            self.server.stats.datagrams_dropped += 1  # socket buffer full: UDP may drop
-            return
-        except OSError as exc:
-            logger.debug("sendto %s failed: %s", format_peer(address), exc)
-            return
-        self.server.stats.bytes_sent += len(reply)
-
-    def close(self) -> None:
-        self.set_reading(False)
-        if self.handler is not None:
-            try:
-                self.handler.finish()
-            except Exception as exc:
-                self.server.ledger.handler_failed(None, exc)
 
 
 class Server:
@@ -283,18 +76,13 @@ class Server:
         self._connections_view = Connections(self.ledger.connections)
         self.stats = self.ledger.stats
         self.kind = kind(self)
+        self.gate = Gate(self.settings, self.ledger, self.kind, ssl_context)
         self.listeners: list[Listener] = list(listeners) if listeners is not None else []
-        self._stream: list[_StreamListener] = []
-        self._datagram: list[_DatagramEndpoint] = []
+        self._stream: list[StreamListener] = []
+        self._datagram: list[DatagramEndpoint] = []
         self._tasks = self.ledger.tasks
         self._closed_event: asyncio.Event | None = None
-        self._ssl = ssl_context  # loaded from the settings at start if not given
         self._sweeper: asyncio.TimerHandle | None = None
-        self._own_ports: frozenset[int] = frozenset()  # of datagram listeners (reflection)
-        rate = self.settings.connection_rate
-        # With workers, each takes its share of the rate: together they accept R a second.
-        self._pacer = Pacer(rate / self.settings.workers) if rate else None
-        self._pacing = False  # waiting for the connection rate to allow the next accept
         self.metrics = metrics
         self._metrics_listener = metrics_listener
         self._metrics_server: MetricsServer | None = None
@@ -339,28 +127,28 @@ class Server:
             remote.start(self.loop)
             self.ledger.admission = remote
         settings = self.settings
-        if settings.tls_cert and self._ssl is None:
+        if settings.tls_cert and self.gate.ssl is None:  # else given to the constructor
             from sockserve.tls import server_context
 
-            self._ssl = server_context(settings)
+            self.gate.ssl = server_context(settings)
         if not self.listeners:
             self.listeners = binding.bind_all(settings)
-        self._own_ports = frozenset(
+        own_ports = frozenset(  # of datagram listeners: datagrams "from" them are dropped
             listener.sock.getsockname()[1]
             for listener in self.listeners
-            if listener.datagram and listener.family in (_socket.AF_INET, _socket.AF_INET6)
+            if listener.datagram and listener.family in (socket.AF_INET, socket.AF_INET6)
         )
         try:
             for listener in self.listeners:
                 if listener.datagram:
-                    endpoint = _DatagramEndpoint(self, listener)
+                    endpoint = DatagramEndpoint(self, listener, own_ports)
                     self._datagram.append(endpoint)
                 elif not self.kind.serves_streams:
                     raise HandlerKindError(
                         f"a {self.kind.name} handler cannot serve stream listener {listener.url}"
                     )
                 else:
-                    self._stream.append(_StreamListener(self, listener))
+                    self._stream.append(StreamListener(self.gate, listener))
         except BaseException:
             self._close_listeners()
             raise
@@ -458,7 +246,7 @@ class Server:
             from sockserve.tls import server_context
 
             try:
-                self._ssl = server_context(self.settings)
+                self.gate.ssl = server_context(self.settings)
             except SettingsError as exc:
                 logger.error("TLS reload failed, keeping the old certificate: %s", exc)
             else:
@@ -477,170 +265,12 @@ class Server:
         """Accept while under the limit, not backing off, not stopping."""
         if self.ledger.stopping:
             return
-        accepting = not self.ledger.full and not self._pacing and not self.kind.full
+        accepting = not self.ledger.full and not self.gate.pacing and not self.kind.full
         for listener in self._stream:
             listener.set_reading(accepting and not listener.backing_off)
         if self.kind.datagrams_share_capacity:
             for endpoint in self._datagram:
                 endpoint.set_reading(not self.kind.datagrams_full)
-
-    def _accepted(self, conn: _socket.socket, address: Any, listener: Listener) -> None:
-        self.ledger.accepted()
-        settings = self.settings
-        if settings.proxy_protocol != "off":
-            if settings.proxy_from and not _in_networks(address, settings.proxy_from):
-                self._reject(conn, address, listener, "untrusted proxy")
-                return
-            self.ledger.spawn(self._read_proxy(conn, address, listener))
-            return
-        if (settings.allow or settings.deny) and not self._allowed(address):
-            self._reject(conn, address, listener, "denied")
-            return
-        self._admit_and_serve(conn, address, listener, None)
-
-    def _pace(self) -> None:
-        """Stop accepting until the connection rate allows the next one (backlog waits)."""
-        assert self._pacer is not None
-        if not self._pacing:
-            self._pacing = True
-            self._update_accepting()
-            self.loop.call_later(self._pacer.wait(self.loop.time()), self._end_pacing)
-
-    def _end_pacing(self) -> None:
-        self._pacing = False
-        self._update_accepting()
-
-    def _admit_and_serve(
-        self,
-        conn: _socket.socket,
-        address: Any,
-        listener: Listener,
-        proxy: ProxyHeader | None,
-        handshake_timeout: float | None = None,
-    ) -> None:
-        """Per-client limits (this worker's table, or with workers the supervisor's),
-        then serve; past them the connection is refused."""
-        admission = self.ledger.admission
-        if admission is None:
-            self._serve(conn, address, listener, proxy, handshake_timeout)
-        elif isinstance(admission, Admission):
-            reason = admission.admit(address, self.loop.time())
-            self._admitted(reason, conn, address, listener, proxy, handshake_timeout)
-        elif (answer := admission.admit(address)) is None:
-            self._serve(conn, address, listener, proxy, handshake_timeout)
-        else:
-            answer.add_done_callback(
-                lambda done: self._admitted(
-                    done.result(), conn, address, listener, proxy, handshake_timeout
-                )
-            )
-
-    def _admitted(
-        self,
-        reason: str | None,
-        conn: _socket.socket,
-        address: Any,
-        listener: Listener,
-        proxy: ProxyHeader | None,
-        handshake_timeout: float | None,
-    ) -> None:
-        if reason is None:
-            self._serve(conn, address, listener, proxy, handshake_timeout)
-        else:
-            self._reject(conn, address, listener, reason)
-
-    def _allowed(self, address: Any) -> bool:
-        settings = self.settings
-        if not isinstance(address, tuple):  # Unix sockets have no IP to check
-            return True
-        if settings.allow and not _in_networks(address, settings.allow):
-            return False
-        return not (settings.deny and _in_networks(address, settings.deny))
-
-    def _reject(self, conn: _socket.socket, address: Any, listener: Listener, reason: str) -> None:
-        ledger = self.ledger
-        ledger.rejected(reason)
-        ledger.refuse_log("refused %s on %s: %s", address, listener.url, reason)
-        with contextlib.suppress(OSError):
-            conn.close()
-        ledger.closed(address, listener.url, 0.0, 0, 0, reason, admitted=False)
-
-    async def _read_proxy(self, conn: _socket.socket, address: Any, listener: Listener) -> None:
-        from sockserve.proxy_protocol import ProxyProtocolError
-
-        started = self.loop.time()
-        try:
-            header = await asyncio.wait_for(
-                self._proxy_header(conn), self.settings.handshake_timeout
-            )
-        except (ProxyProtocolError, ConnectionError, EOFError) as exc:
-            self._reject(conn, address, listener, f"bad PROXY header: {exc}")
-            return
-        except asyncio.TimeoutError:
-            self._reject(conn, address, listener, "no PROXY header in time")
-            return
-        except Exception as exc:  # OSError, or anything unforeseen: release the slot
-            self._reject(conn, address, listener, f"PROXY header: {exc}")
-            return
-        except asyncio.CancelledError:
-            conn.close()
-            raise
-        real = address
-        if header.command == "PROXY" and isinstance(header.source, tuple):
-            real = header.source
-        if (self.settings.allow or self.settings.deny) and not self._allowed(real):
-            self._reject(conn, real, listener, "denied")
-            return
-        left = self.settings.handshake_timeout - (self.loop.time() - started)
-        self._admit_and_serve(conn, real, listener, header, max(left, MIN_HANDSHAKE_LEFT))
-
-    async def _proxy_header(self, conn: _socket.socket) -> ProxyHeader:
-        """Read exactly the header's bytes (peeking first), so what follows stays unread."""
-        from sockserve.proxy_protocol import parse_prefix
-
-        accept = self.settings.proxy_protocol
-        got = b""
-        while True:
-            await self._readable(conn)
-            peek = conn.recv(PROXY_PEEK - len(got), socket.MSG_PEEK)
-            if not peek:
-                raise EOFError("connection closed before the PROXY header")
-            header = parse_prefix(got + peek, accept)  # type: ignore[arg-type]
-            if header is not None:
-                rest = header.length - len(got)
-                if rest and len(conn.recv(rest)) != rest:
-                    raise EOFError("short read of a peeked PROXY header")
-                return header
-            # No complete header in what we saw, so all of it belongs to the header.
-            got += conn.recv(len(peek))
-            if len(got) >= PROXY_PEEK:
-                raise EOFError("PROXY header too long")
-
-    async def _readable(self, conn: _socket.socket) -> None:
-        future: asyncio.Future[None] = self.loop.create_future()
-        fd = conn.fileno()
-        self.loop.add_reader(fd, future.set_result, None)
-        try:
-            await future
-        finally:
-            self.loop.remove_reader(fd)
-
-    def _serve(
-        self,
-        conn: _socket.socket,
-        address: Any,
-        listener: Listener,
-        proxy: ProxyHeader | None,
-        handshake_timeout: float | None = None,
-    ) -> None:
-        self.kind.serve_stream(
-            conn,
-            address,
-            listener,
-            proxy,
-            self._ssl,
-            handshake_timeout or self.settings.handshake_timeout,
-        )
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -743,40 +373,3 @@ class Server:
         await self.kind.close()
         if self._closed_event is not None:
             self._closed_event.set()
-
-
-_local_ips: dict[str, bool] = {}
-
-
-def _is_local(host: str) -> bool:
-    """Whether ``host`` is an address of this machine: only those can be bound."""
-    host = host.split("%", 1)[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    known = _local_ips.get(host)
-    if known is None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.bind((host, 0))
-            known = True
-        except OSError:
-            known = False
-        if len(_local_ips) > 1024:  # sources are chosen by peers: keep the cache bounded
-            _local_ips.clear()
-        _local_ips[host] = known
-    return known
-
-
-def _in_networks(address: Any, networks: Iterable[Any]) -> bool:
-    import ipaddress
-
-    if not isinstance(address, tuple):
-        return False
-    try:
-        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)

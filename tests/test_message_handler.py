@@ -551,3 +551,14 @@ def test_replies_over_the_write_buffer_bound_are_backpressure(loop: str, split: 
                 else:
                     sock.sendall(wire)
                 assert read_message(sock, framing, buffered) == b"z" * (16 << 20)
+
+
+@pytest.mark.parametrize("size", [1023, 1024, 1025, 5000, 70000])
+def test_messages_around_the_small_header_table(loop: str, size: int) -> None:
+    """Messages up to 1 KiB take their header from a table, larger ones from struct."""
+    framing = LengthPrefixed("!I")
+    with serving(handler_for(framing, "sync"), loop) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            payload = bytes(range(97, 123)) * (size // 26) + b"q" * (size % 26)
+            sock.sendall(framing.encode(payload))
+            assert read_message(sock, framing, bytearray()) == payload.upper()

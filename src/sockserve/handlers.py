@@ -660,6 +660,13 @@ class MessageHandler(_Connection):
 MessageHandler._handle = MessageHandler.handle_message  # the base class serves too: an echo
 
 
+# Messages up to this many bytes find their length header in a table, shared by every
+# class of one format: no struct call, tuple or int per request (about 4% of a small
+# request's server CPU); a table costs 1025 small bytes objects, about 50 KiB.
+SMALL_MESSAGE = 1024
+_headers: dict[tuple[str, int, int], tuple[bytes, ...]] = {}
+
+
 def _length_prefixed_data_received(framing: LengthPrefixed) -> Callable[[Any, bytes], None]:
     """MessageHandler.data_received for one length-prefixed framing: the header parsed and
     the reply framed inline, the framing's numbers in closure cells rather than looked up
@@ -668,22 +675,29 @@ def _length_prefixed_data_received(framing: LengthPrefixed) -> Callable[[Any, by
     unpack, pack, encode = framing.header.unpack_from, framing.header.pack, framing.encode
     adjust = size if framing.includes_header else 0
     limit = framing.max_size
+    top = min(SMALL_MESSAGE, limit)
+    key = (framing.fmt, adjust, top)
+    headers = _headers.get(key)
+    if headers is None:
+        headers = _headers[key] = tuple(pack(n + adjust) for n in range(top + 1))
 
     def data_received(self: MessageHandler, data: bytes) -> None:
-        self.bytes_in += len(data)
+        n = len(data) - size  # the payload, if the chunk is exactly one message
+        self.bytes_in += n + size
         # Fast path: nothing buffered and the chunk is exactly one message within the limit.
-        if (
-            self._fast
-            and len(data) >= size
-            and unpack(data)[0] - adjust == len(data) - size <= limit
+        if self._fast and (
+            data.startswith(headers[n])
+            if 0 <= n <= top
+            else n > top and unpack(data)[0] - adjust == n <= limit
         ):
             try:
                 reply = self._handle(data[size:])
                 if reply is not None:
-                    # encode raises for a reply over the limit: a handler error
-                    reply = (
-                        pack(len(reply) + adjust) + reply if len(reply) <= limit else encode(reply)
-                    )
+                    k = len(reply)
+                    if k <= top:
+                        reply = headers[k] + reply
+                    else:  # encode raises for a reply over the limit: a handler error
+                        reply = pack(k + adjust) + reply if k <= limit else encode(reply)
             except Exception as exc:
                 self._handler_error(exc)
                 return

@@ -15,7 +15,6 @@ import socket
 import stat
 import struct
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -361,35 +360,58 @@ def _check_directory(path: str) -> None:
 
 
 def _bind_file(sock: socket.socket, path: str, mode: int | None, owner: Owner | None) -> None:
-    """Bind ``sock`` to the file ``path`` with ``mode`` (through the umask: nothing is changed
-    by path afterwards, so no link is ever followed).
+    """Bind ``sock`` to the file ``path`` with ``mode`` and ``owner``, never changing a
+    path's mode or owner afterwards: a link swapped in for the file is never followed.
 
-    With ``owner``, the socket is bound in a private directory beside ``path``, handed to
-    that user there (where nobody else can swap the file for a link), then renamed into
-    place: root never changes the owner of a path another user can replace.
+    The mode comes from the umask at bind. With ``owner`` (root binding for the user
+    ``--user`` drops to), the file is created by that user: the bind runs with the
+    user's effective ids. Only where that user cannot create files (a directory only
+    root may write to, where nobody else can swap the file either) does root bind and
+    hand the file over with ``lchown``.
     """
-    target = path
-    private = None
-    if owner is not None:
-        private = tempfile.mkdtemp(prefix=".sockserve-", dir=os.path.dirname(os.path.abspath(path)))
-        target = os.path.join(private, "s")
+    old_umask = os.umask(0o777 & ~mode) if mode is not None else None
     try:
-        old_umask = os.umask(0o777 & ~mode) if mode is not None else None
         try:
-            sock.bind(target)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot bind unix:{path}: {exc.strerror or exc}") from None
-        finally:
-            if old_umask is not None:
-                os.umask(old_umask)
-        if owner is not None:
-            os.chown(target, *owner, follow_symlinks=False)
-            os.rename(target, path)
+            if owner is None:
+                sock.bind(path)
+            else:
+                with _acting_as(owner):
+                    sock.bind(path)
+        except PermissionError:
+            if owner is None or not _only_root_writes(path):
+                raise
+            sock.bind(path)
+            os.chown(path, *owner, follow_symlinks=False)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot bind unix:{path}: {exc.strerror or exc}") from None
     finally:
-        if private is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(target)  # left only if the chown or rename failed
-            os.rmdir(private)
+        if old_umask is not None:
+            os.umask(old_umask)
+
+
+@contextlib.contextmanager
+def _acting_as(owner: Owner) -> Iterator[None]:
+    """Run the block with ``owner``'s effective user and group ids (-1: keep ours)."""
+    uid, gid = owner
+    old_uid, old_gid = os.geteuid(), os.getegid()
+    if gid != -1:
+        os.setegid(gid)
+    try:
+        if uid != -1:
+            os.seteuid(uid)
+        try:
+            yield
+        finally:
+            if uid != -1:
+                os.seteuid(old_uid)
+    finally:
+        if gid != -1:
+            os.setegid(old_gid)
+
+
+def _only_root_writes(path: str) -> bool:
+    st = os.stat(os.path.dirname(os.path.abspath(path)))
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _bind_unix(

@@ -202,7 +202,7 @@ async def _serve_until_signalled(
 
     def stopped(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("stopping failed: %r", exc, exc_info=exc)
+            logger.error("stopping failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
             end(True)
         else:
             end(False)

@@ -3,6 +3,7 @@ errors rate-limited, limits and typos announced. Real processes, real sockets.""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -211,3 +212,24 @@ def test_proxy_from_with_a_unix_listener_is_explained(app_dir: Path, start_serve
         rf"PROXY headers on unix:{re.escape(str(sock_path))} are refused from every peer:"
         r" --proxy-from lists IP networks and a Unix socket peer has none"
     )
+
+
+def test_text_formatter_escapes_every_argument_style() -> None:
+    from sockserve.observability import TEXT_FORMAT, TextFormatter
+
+    formatter = TextFormatter(TEXT_FORMAT)
+
+    def shown(msg: str, *args: object) -> str:
+        record = logging.makeLogRecord({"msg": msg, "args": args, "levelname": "INFO"})
+        if len(args) == 1 and isinstance(args[0], dict):
+            record.args = args[0]
+        return formatter.format(record).split(": ", 1)[1]
+
+    assert shown("peer %s", "a\nb\x1b") == "peer a\\nb\\x1b"
+    assert shown("%(peer)s said %(n)d", {"peer": "x\ry", "n": 3}) == "x\\ry said 3"
+    assert shown("%d bytes in %.1f s", 10, 2.5) == "10 bytes in 2.5 s"
+    try:
+        raise ValueError("forged\n2026-01-01 line")
+    except ValueError as exc:
+        text = formatter.formatException((type(exc), exc, exc.__traceback__))
+    assert text.endswith("ValueError: forged\\n2026-01-01 line")

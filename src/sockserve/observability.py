@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sockserve.settings import SettingsError, describe
@@ -111,6 +111,11 @@ def escape(text: str) -> str:
     return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
+def _escaped(value: object) -> object:
+    """A log argument with control characters escaped; numbers stay numbers for %d."""
+    return value if isinstance(value, (int, float)) else escape(str(value))
+
+
 class TextFormatter(logging.Formatter):
     """The text log format, with control characters escaped in every argument and in
     exception messages (where peer-controlled text ends up); JSON escapes them itself."""
@@ -118,8 +123,10 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if record.args:
             record = logging.makeLogRecord(vars(record))
-            args = record.args if isinstance(record.args, tuple) else (record.args,)
-            record.args = tuple(a if isinstance(a, (int, float)) else escape(str(a)) for a in args)
+            if isinstance(record.args, Mapping):  # "%(name)s" style
+                record.args = {k: _escaped(v) for k, v in record.args.items()}
+            else:
+                record.args = tuple(_escaped(a) for a in record.args or ())
         return super().format(record)
 
     def formatException(self, ei: Any) -> str:

@@ -216,7 +216,7 @@ def test_call_runs_in_the_server_loop() -> None:
 
 
 def test_bad_setting_fails_at_start_and_leaks_nothing() -> None:
-    from sockserve import SettingsError
+    from sockserve import HandlerKindError, SettingsError
 
     with no_leaks():
         with pytest.raises(SettingsError, match="max_line"):
@@ -224,6 +224,9 @@ def test_bad_setting_fails_at_start_and_leaks_nothing() -> None:
                 pass
         with pytest.raises(SettingsError, match=r"workers .* one server in a thread"):
             with serve(Upper, workers=2):
+                pass
+        with pytest.raises(HandlerKindError):
+            with serve(object, unix=True):
                 pass
         with pytest.raises(OSError):  # a bind that fails stops nothing but itself
             with serve(Upper, bind=["unix:/nonexistent-dir/x.sock"]):

@@ -113,10 +113,14 @@ class RunningServer:
                     " --workers and --reload with `sockserve run` in a subprocess"
                 )
             self._loop = new_event_loop(self.settings.loop)
+            try:
+                self.server: Server = _CollectingServer(handler, self.settings, self.errors)
+            except BaseException:
+                self._loop.close()
+                raise
         except BaseException:
             self._remove_tempdir()
             raise
-        self.server: Server = _CollectingServer(handler, self.settings, self.errors)
         self._started = threading.Event()
         self._start_error: list[BaseException] = []  # what start() raised, if it did
         self._thread = threading.Thread(target=self._run, name="sockserve-testing", daemon=True)

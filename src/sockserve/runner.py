@@ -36,6 +36,7 @@ __all__ = [
     "bind_metrics",
     "check_handler_in_child",
     "check_kind",
+    "load_before_drop",
     "load_handler",
     "load_tls",
     "new_event_loop",
@@ -165,6 +166,15 @@ def warn_unremovable(listeners: Sequence[Listener]) -> None:
                     os.getuid(),
                     directory,
                 )
+
+
+def load_before_drop(settings: Settings) -> None:
+    """Import now what serving and stopping will need: after a privilege drop, the
+    interpreter's own files may not be readable (a Python under root's home)."""
+    binding.prepare_stop()
+    if settings.loop in ("auto", "uvloop"):
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401
 
 
 class StopError(Exception):
@@ -489,7 +499,7 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
     try:
         if settings.metrics:
             metrics = (Metrics(), bind_metrics(settings))
-        binding.prepare_stop()
+        load_before_drop(settings)
         if identity is not None:
             identity.assume()
             warn_unremovable(listeners)

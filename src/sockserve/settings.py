@@ -476,7 +476,7 @@ class Settings:
     reload: bool = _setting(
         False,
         boolean,
-        "Development: restart workers when a .py file under the current directory changes.",
+        "Development: restart workers when a .py file beside the handler's modules changes.",
         flag=True,
     )
 

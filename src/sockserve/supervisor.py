@@ -39,6 +39,7 @@ from sockserve.runner import (
     bind_metrics,
     check_handler_in_child,
     check_kind,
+    load_before_drop,
     load_tls,
 )
 from sockserve.settings import Settings, SettingsError
@@ -191,7 +192,7 @@ class Supervisor:
                     logger.warning("--reload: no handler module under the current directory")
             if self.settings.metrics:
                 self._start_metrics()
-            binding.prepare_stop()
+            load_before_drop(self.settings)
         except BaseException:
             self._close_listeners()
             raise

@@ -180,3 +180,25 @@ def test_idle_metrics_connections_are_capped_and_timed_out(
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_a_second_sigint_stops_workers_at_once(start_server: StartServer, tmp_path: Path) -> None:
+    """The first SIGINT reaches the workers as SIGTERM (a terminal's Ctrl-C also reaches
+    them directly), the second as SIGINT: a worker already stopping then stops at once,
+    by itself rather than by the supervisor's SIGKILL."""
+    write_app(tmp_path)
+    server = start_server(
+        ["run", "app:Echo", "--bind", "127.0.0.1:0", "--workers", "2"], cwd=str(tmp_path)
+    )
+    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    with socket.create_connection(host_port(server.urls[0]), timeout=5) as held:
+        held.sendall(b"hi\n")
+        assert read_line(held) == b"hi\n"
+        server.signal(signal.SIGINT)
+        server.read_until("Ctrl-C again stops at once")
+        server.read_until("stopping: finishing open connections")
+        server.signal(signal.SIGINT)
+        started = time.monotonic()
+        assert wait_exit(server, timeout=10) == 0
+    assert time.monotonic() - started < 2
+    assert "did not stop in time" not in server.text

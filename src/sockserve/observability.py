@@ -359,6 +359,34 @@ class Metrics:
 
             multiprocess.MultiProcessCollector(self.registry)
 
+    @classmethod
+    def for_workers(cls, owner: tuple[int, int] | None = None) -> Metrics:
+        """Metrics in a new private directory every worker writes its file to, made for
+        the user the workers run as (``owner``: uid, gid); ``remove_files()`` at the end.
+        Our own file is open before any worker exists."""
+        import shutil
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="sockserve-metrics-")
+        try:
+            metrics = cls(directory)
+            if owner is not None:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchown(fd, *owner)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return metrics
+
+    def remove_files(self) -> None:
+        if self.multiprocess_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.multiprocess_dir, ignore_errors=True)
+
     def flush(self, stats: Stats, active: int) -> None:
         """Add what ``stats`` counted since the last flush (cheap: a few additions).
 

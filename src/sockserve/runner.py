@@ -245,8 +245,9 @@ async def _serve_until_signalled(
     interrupts = [0]
 
     def on_interrupt() -> None:
+        """Ctrl-C: a graceful stop, or at once if a stop (by any signal) is under way."""
         interrupts[0] += 1
-        stop(interrupts[0] > 1)
+        stop(bool(stopping or requests))
 
     def on_signal(signum: int) -> None:
         if signum == signal.SIGINT:

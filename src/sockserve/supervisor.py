@@ -18,11 +18,9 @@ import math
 import os
 import select
 import selectors
-import shutil
 import signal
 import socket
 import ssl
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -94,15 +92,8 @@ class Supervisor:
     signal (as gunicorn's arbiter).
     """
 
-    _handled = (
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGHUP,
-        signal.SIGCHLD,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGUSR1,
-    )
+    _handled: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    _handled += (signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
     def __init__(self, handler: HandlerRef, settings: Settings) -> None:
         self.handler = handler
@@ -126,7 +117,6 @@ class Supervisor:
         self.restarts = 0
         self.ssl_context: ssl.SSLContext | None = None
         self.metrics: tuple[Metrics, Listener] | None = None
-        self.metrics_dir = ""
         self.sources: SourceWatcher | None = None
         # Per-client limits hold for the whole server: the one table lives here.
         admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
@@ -209,20 +199,12 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         """Metrics in multiprocess mode (one file per worker), on a socket every worker
-        serves. The directory belongs to the workers' user, who write their files there."""
-        self.metrics_dir = tempfile.mkdtemp(prefix="sockserve-metrics-")
+        serves."""
+        metrics = Metrics.for_workers(self._owner)
         try:
-            metrics = Metrics(self.metrics_dir)  # our own file is open before any worker
-            if self.identity is not None:
-                fd = os.open(self.metrics_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-                try:
-                    os.fchown(fd, *self.identity.owner)
-                finally:
-                    os.close(fd)
-            listener = bind_metrics(self.settings)
-            self.metrics = (metrics, listener)
+            self.metrics = (metrics, bind_metrics(self.settings))
         except BaseException:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            metrics.remove_files()
             raise
 
     # -- main loop -----------------------------------------------------------------------
@@ -265,7 +247,7 @@ class Supervisor:
             self._close_listeners()
             if self.metrics is not None:
                 self.metrics[1].close()
-                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics[0].remove_files()
         logger.info("supervisor stopped")
         if self.exit_code:
             raise SupervisorError(self.exit_code)

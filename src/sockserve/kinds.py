@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sockserve.blocking import BlockingPool, is_blocking_handler
-from sockserve.handlers import DatagramHandler, MessageHandler, StreamHandler, _Connection
+from sockserve.connection import _Connection
+from sockserve.handlers import DatagramHandler, MessageHandler, StreamHandler
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener

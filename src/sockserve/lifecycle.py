@@ -22,7 +22,7 @@ from sockserve.observability import HandlerErrorLog, Stats, format_peer, log_acc
 from sockserve.settings import Settings
 
 if TYPE_CHECKING:
-    from sockserve.handlers import _Connection
+    from sockserve.connection import _Connection
 
 __all__ = ["ConnectionLedger", "Connections", "RateLimitedLog", "age_jitter"]
 
@@ -42,7 +42,7 @@ def age_jitter(seed: int) -> float:
 def read_ahead(settings: Settings) -> int:
     """How far a connection's reader may fall behind its peer, past one line, before
     reading from it pauses: --max-buffered-input shared by --max-connections."""
-    from sockserve.handlers import MIN_READ_AHEAD, READ_AHEAD
+    from sockserve.connection import MIN_READ_AHEAD, READ_AHEAD
 
     share = settings.max_buffered_input // settings.max_connections - settings.max_line
     return min(READ_AHEAD, max(MIN_READ_AHEAD, share))

@@ -29,7 +29,7 @@ from sockserve.observability import Metrics, MetricsServer, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from sockserve.handlers import _Connection
+    from sockserve.connection import _Connection
 
 __all__ = ["HandlerKindError", "Server"]
 

@@ -193,3 +193,26 @@ def test_a_connection_told_goodbye_is_left_out_of_broadcasts(
         assert ended.recv(10) == b""  # kept open: the server lingers on it
         assert server.call(lambda: server.server.broadcast(b"news\n")) == 0
         ended.sendall(b"late\n")  # dropped, not answered, no reset
+
+
+@pytest.mark.parametrize("handler", [SyncLine, Stream, Blocking], ids=lambda h: h.__name__)
+def test_a_client_still_in_the_backlog_at_the_stop_is_answered_before_its_goodbye(
+    handler: type, clients: list[socket.socket]
+) -> None:
+    """Its client connected before the stop: it gets BACKLOG_GRACE to send its request."""
+    with serving(handler, max_connections=1, threads=1) as server:
+        open_idle(server.address, 1, clients)
+        queued = socket.create_connection(server.address, timeout=10)  # in the backlog
+        clients.append(queued)
+        stopper = threading.Thread(target=server.stop, args=(10.0,))
+        stopper.start()
+        try:
+            # The backlog is taken in before the goodbyes go out: once the first client
+            # has its goodbye, the queued one is accepted, and only now sends.
+            first, _ = read_to_eof(clients[:1], timeout=10)
+            assert first == [GOODBYE]
+            queued.sendall(b"late\n")
+            received, _ = read_to_eof([queued], timeout=10)
+        finally:
+            stopper.join(15)
+    assert received == [b"LATE\n" + GOODBYE]

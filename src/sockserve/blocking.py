@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from sockserve.lifecycle import age_jitter
+from sockserve.lifecycle import BACKLOG_GRACE, age_jitter
 from sockserve.observability import format_peer
 
 if TYPE_CHECKING:
@@ -757,8 +757,10 @@ class BlockingPool:
             handler = cls.__new__(cls)
             handler.proxy = proxy  # before __init__, which runs setup/handle/finish
             handler.listener = listener.url
-            if self._draining:  # accepted from the backlog while stopping
-                self._end(request, "server shutdown")
+            if self._draining:  # accepted from the backlog while stopping: see BACKLOG_GRACE
+                self._call(
+                    ledger.loop.call_later, BACKLOG_GRACE, self._end, request, "server shutdown"
+                )
             handler.__init__(request, address, self.server)
             with self._lock:
                 ended = self._ended.pop(request, None)

@@ -48,6 +48,12 @@ def read_ahead(settings: Settings) -> int:
     return min(READ_AHEAD, max(MIN_READ_AHEAD, share))
 
 
+# How long a connection accepted from the backlog while stopping is served before it is
+# ended goodbye-first: its client connected before the stop, and its first request may
+# be on the way (it would otherwise get the goodbye instead of an answer).
+BACKLOG_GRACE = 1.0
+
+
 class RateLimitedLog:
     """Logs a recurring condition at most once per ``interval`` seconds, counting the rest.
 
@@ -197,6 +203,12 @@ class ConnectionLedger:
     def handler_failed(self, peer: Any, exc: BaseException) -> None:
         self.stats.handler_errors += 1
         self.handler_error_log(peer, exc)
+
+    def end_from_backlog(self, conn: _Connection) -> None:
+        """A connection accepted from the backlog while stopping: served for
+        BACKLOG_GRACE (its client connected before the stop and is likely sending its
+        request right now), then ended goodbye-first like the others."""
+        self.loop.call_later(BACKLOG_GRACE, conn._end, "server shutdown")
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in a task that the server cancels if it still runs at the end."""

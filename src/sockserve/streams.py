@@ -131,8 +131,8 @@ class StreamHandler(_Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._loop = loop = asyncio.get_running_loop()
-        if self._ledger.stopping:  # accepted from the backlog while stopping
-            self._end("server shutdown")
+        if self._ledger.stopping:
+            self._ledger.end_from_backlog(self)
         if self._simple_hooks:
             try:
                 self.setup()

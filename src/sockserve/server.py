@@ -212,11 +212,13 @@ class Server:
         if timeout is None:
             timeout = self.settings.graceful_timeout
         ledger = self.ledger
+        deadline = self.loop.time() + timeout
         if not ledger.stopping:
             ledger.stopping = True
+            # Goodbyes first to the connections open now; those the backlog still holds
+            # are accepted after, and get their BACKLOG_GRACE.
+            self._drain("server shutdown")
             self._stop_accepting()
-        deadline = self.loop.time() + timeout
-        self._drain("server shutdown")
         await ledger.wait_idle(deadline)
         if ledger.open:
             logger.info("graceful timeout: closing %d connection(s)", ledger.open)

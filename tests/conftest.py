@@ -1,139 +1,391 @@
-"""Shared test helpers: servers started on port 0 as real processes, stopped in teardown."""
+"""Fixtures for the whole suite, and the leak check run after every test.
+
+The helpers themselves are in helpers.py. After each test's teardown, the leak check
+collects garbage and fails that test if it left behind a socket, a thread, a child
+process or a Unix socket file in a temporary directory, naming each and the lines that
+created it. Sockets, threads and subprocesses record where they were created (a cheap
+stack summary; tracemalloc on every object made the suite many times slower).
+"""
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
-import re
-import selectors
+import select
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import traceback
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+import trustme
 
-REQUIRE_ALL = os.environ.get("SOCKSERVE_REQUIRE_ALL") == "1"
-# A bound socket's line, in text or JSON logs (not the "metrics listening on" line).
-LISTENING = re.compile(r"(?<!metrics )listening on ([^\s\"]+)")
+from helpers import (
+    LOOPS,
+    REQUIRE_ALL,
+    ServerProcess,
+    address_of,
+    require_program,
+    sockserve_argv,
+)
 
+__all__ = ["LISTENING", "REQUIRE_ALL", "ServerProcess", "host_port", "require_program"]
 
-def require_program(name: str) -> str:
-    """The program's path; skip when it is missing, or fail under SOCKSERVE_REQUIRE_ALL=1."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
-    if path is None:
-        message = f"{name} is not installed (Debian: apt-get install the package providing it)"
-        if REQUIRE_ALL:
-            pytest.fail(message + "; SOCKSERVE_REQUIRE_ALL=1 forbids skipping")
-        pytest.skip(message)
-    return path
+from helpers import LISTENING
 
+host_port = address_of  # the old name, for test files not yet moved to helpers.py
 
-@dataclass
-class ServerProcess:
-    """A ``python -m sockserve ...`` child; ``urls`` are the addresses it logged."""
-
-    proc: subprocess.Popen[bytes]
-    urls: list[str]
-    output: list[str] = field(default_factory=list)
-    _pos: int = 0  # lines before this one were consumed by earlier read_until calls
-    _pending: bytes = b""  # an unfinished last line
-
-    def read_until(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        """Read the server's stderr up to the next line that matches; fail after ``timeout``."""
-        regex = re.compile(pattern)
-        while self._pos < len(self.output):
-            self._pos += 1
-            if match := regex.search(self.output[self._pos - 1]):
-                return match
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while (remaining := deadline - time.monotonic()) > 0:
-                if not sel.select(remaining):
-                    break
-                chunk = os.read(fd, 65536)  # unbuffered: select() sees everything not yet read
-                if not chunk:
-                    break
-                self._pending += chunk
-                *lines, rest = self._pending.split(b"\n")
-                self._pending = rest
-                for raw in lines:
-                    self.output.append(raw.decode(errors="replace") + "\n")
-                while self._pos < len(self.output):
-                    self._pos += 1
-                    if match := regex.search(self.output[self._pos - 1]):
-                        return match
-        raise AssertionError(f"no line matching {pattern!r}; server said:\n{''.join(self.output)}")
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        code = self.proc.wait(timeout)
-        assert self.proc.stderr is not None
-        rest = self._pending + self.proc.stderr.read()
-        self._pending = b""
-        self.output.extend(rest.decode(errors="replace").splitlines(True))
-        return code
-
-    @property
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
-            if stream is not None:
-                stream.close()
+StartServer = Callable[..., ServerProcess]
+Spawn = Callable[..., ServerProcess]
 
 
-def host_port(url: str) -> tuple[str, int]:
-    """``tcp://127.0.0.1:4000`` or ``udp://[::1]:4000`` as a (host, port) pair."""
-    rest = url.split("://", 1)[1]
-    host, _, port = rest.rpartition(":")
-    return host.strip("[]"), int(port)
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=LOOPS)
+def loop(request: pytest.FixtureRequest) -> str:
+    """The event loop a test's server runs on: every test runs on both, where uvloop is."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    name: str = request.param
+    return name
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def certs(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Paths of a server certificate (localhost, 127.0.0.1), its key, and the CA's cert."""
+    directory = tmp_path_factory.mktemp("tls")
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    paths = {
+        "cert": directory / "server.pem",
+        "key": directory / "server.key",
+        "ca": directory / "ca.pem",
+    }
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(paths["cert"]))
+    server_cert.private_key_pem.write_to_path(str(paths["key"]))
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    return {name: str(path) for name, path in paths.items()}
 
 
 @pytest.fixture
-def start_server() -> Iterator[object]:
-    """Start ``python -m sockserve ARGS`` and wait for ``listening`` lines; stop in teardown."""
+def spawn() -> Iterator[Spawn]:
+    """Start any command as a ServerProcess (stderr collected); stop it in teardown."""
     started: list[ServerProcess] = []
 
-    def start(
-        args: Sequence[str],
-        *,
-        listeners: int = 1,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float = 15.0,
-        stdin: int | None = subprocess.DEVNULL,
-    ) -> ServerProcess:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sockserve", *args],
-            stdin=stdin,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=full_env,
-            cwd=cwd,
-        )
-        server = ServerProcess(proc, [])
+    def start(argv: Sequence[str], **options: Any) -> ServerProcess:
+        server = ServerProcess(argv, **options)
         started.append(server)
-        for _ in range(listeners):
-            server.urls.append(server.read_until(LISTENING.pattern, timeout).group(1))
         return server
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def start_server(spawn: Spawn) -> StartServer:
+    """Start ``python -m sockserve ARGS`` and wait for its ``listening on`` lines.
+
+    ``nofile`` runs it under that RLIMIT_NOFILE; other keywords go to ServerProcess.
+    """
+
+    def start(
+        args: Sequence[str],
+        *,
+        listeners: int = 1,
+        timeout: float = 15.0,
+        nofile: int | None = None,
+        **options: Any,
+    ) -> ServerProcess:
+        return spawn(sockserve_argv(args, nofile), **options).start(listeners, timeout)
+
+    return start
+
+
+# -- the leak check -------------------------------------------------------------------------
+
+TRACE_FRAMES = 25
+JOIN_GRACE = 5.0  # how long a thread or child left running gets to end by itself
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for cls in (socket.socket, threading.Thread, subprocess.Popen):
+        record_creation(cls)
+    # Temporary files of this run, the test processes' included, go to a directory of its
+    # own: a socket file left there is this run's, whatever else runs on the machine.
+    private = tempfile.mkdtemp(prefix="sockserve-tests-")
+    os.chmod(private, 0o755)  # tests that drop privileges make world-readable dirs in it
+    os.environ["TMPDIR"] = tempfile.tempdir = private
+    config.stash[_private_tmp] = private
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    private = config.stash.get(_private_tmp, None)
+    if private is not None:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+_private_tmp = pytest.StashKey[str]()
+_before = pytest.StashKey["Snapshot"]()
+
+
+@dataclass
+class Snapshot:
+    sockets: dict[int, str]  # fd -> "socket:[inode]"
+    threads: set[threading.Thread]
+    children: set[int]
+    socket_files: set[str]  # in the run's temporary directory
+
+
+def socket_fds() -> dict[int, str]:
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if target.startswith("socket:"):
+            found[int(name)] = target
+    return found
+
+
+def child_processes() -> set[int]:
+    children: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+    return children
+
+
+def socket_files(directories: list[str]) -> set[str]:
+    found = set()
+    for top in directories:
+        for root, _dirs, files in os.walk(top):
+            for name in files:
+                path = os.path.join(root, name)
+                with_mode = os.lstat(path).st_mode if os.path.lexists(path) else 0
+                if stat.S_ISSOCK(with_mode):
+                    found.add(path)
+    return found
+
+
+_created: dict[int, traceback.StackSummary] = {}  # id(object) -> where it was made
+_dead: dict[int, traceback.StackSummary] = {}  # ... for objects being finalized
+_refs: dict[int, weakref.ref[Any]] = {}
+
+
+def record_creation(cls: type) -> None:
+    """Make ``cls`` remember the stack each instance was created from."""
+    original = cls.__init__  # type: ignore[misc]
+
+    @functools.wraps(original)
+    def __init__(self: object, *args: Any, **kwargs: Any) -> None:
+        key = id(self)
+        if key not in _created:  # SSLSocket runs socket.__init__ inside its own
+            frames = traceback.walk_stack(sys._getframe(1))
+            _created[key] = traceback.StackSummary.extract(
+                frames, limit=TRACE_FRAMES, lookup_lines=False
+            )
+            # Weak references are cleared before a collected object's finalizer runs (the
+            # one that warns "unclosed"): keep the stack a little longer for that warning.
+            _refs[key] = weakref.ref(self, functools.partial(_dying, key))
+        original(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+
+
+def _dying(key: int, _ref: object) -> None:
+    _refs.pop(key, None)
+    if (stack := _created.pop(key, None)) is not None:
+        _dead[key] = stack
+
+
+def where(obj: object) -> str:
+    stack = _created.get(id(obj)) or _dead.get(id(obj))
+    if stack is None:
+        return "    (not recorded)"
+    lines = []
+    for frame, line in zip(stack, stack.format(), strict=True):  # innermost call first
+        if "/_pytest/" in frame.filename or "/pluggy/" in frame.filename:
+            break  # the test function was the frame before
+        lines.append("    " + line.rstrip())
+    return "\n".join(lines)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    private = item.config.stash[_private_tmp]
+    item.stash[_before] = Snapshot(
+        socket_fds(), set(threading.enumerate()), child_processes(), socket_files([private])
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """After the test's fixtures are torn down: fail it if it left anything behind."""
+    before = item.stash.get(_before, None)
+    if before is None:
+        return
+    failed = item.stash.get(_call_failed, False)
+    problems: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    for warning in caught:
+        if issubclass(warning.category, ResourceWarning):
+            problems.append(
+                f"{warning.message}, collected by gc; created at:\n{where(warning.source)}"
+            )
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    _dead.clear()
+    problems += leaked_threads(before.threads)
+    problems += leaked_children(before.children)
+    problems += leaked_sockets(before.sockets)
+    directories = [item.config.stash[_private_tmp]]
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if tmp_path is not None:
+        directories.append(str(tmp_path))
+    for path in sorted(socket_files(directories) - before.socket_files):
+        problems.append(f"Unix socket file left behind: {path}")
+        os.unlink(path)
+    if problems and not failed:
+        pytest.fail(
+            f"{item.nodeid} left {len(problems)} thing(s) behind:\n\n" + "\n\n".join(problems),
+            pytrace=False,
+        )
+
+
+_call_failed = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if call.when == "call" and report.failed:
+        item.stash[_call_failed] = True  # what it holds may be kept alive by the traceback
+    return report
+
+
+def leaked_threads(before: set[threading.Thread]) -> list[str]:
+    new = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    deadline = time.monotonic() + JOIN_GRACE
+    for thread in new:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [
+        f"thread {thread.name!r} (daemon={thread.daemon}) still running; created at:\n"
+        f"{where(thread)}"
+        for thread in new
+        if thread.is_alive()
+    ]
+
+
+def popen_for(pid: int) -> subprocess.Popen[Any] | None:
+    for obj in gc.get_objects():
+        if isinstance(obj, subprocess.Popen) and obj.pid == pid:
+            return obj
+    return None
+
+
+def describe_process(pid: int) -> tuple[str, str]:
+    """The command line and state letter of a process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "?", "gone"
+    return cmdline, state
+
+
+def leaked_children(before: set[int]) -> list[str]:
+    new = child_processes() - before
+    deadline = time.monotonic() + JOIN_GRACE
+    problems = []
+    for pid in sorted(new):
+        cmdline, state = describe_process(pid)
+        if state not in ("Z", "gone"):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            finally:
+                os.close(pidfd)
+            _, state = describe_process(pid)
+        if state == "gone":
+            continue  # reaped by its owner meanwhile
+        popen = popen_for(pid)
+        what = "exited but never waited for" if state == "Z" else "still running"
+        created = where(popen) if popen is not None else "    (not started by subprocess)"
+        problems.append(f"child process {pid} ({cmdline}) {what}; created at:\n{created}")
+        if popen is not None:
+            popen.kill()
+            popen.wait(10)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return problems
+
+
+def leaked_sockets(before: dict[int, str]) -> list[str]:
+    new = {fd: inode for fd, inode in socket_fds().items() if before.get(fd) != inode}
+    if not new:
+        return []
+    objects = {
+        obj.fileno(): obj
+        for obj in gc.get_objects()
+        if isinstance(obj, socket.socket) and obj.fileno() in new
+    }
+    problems = []
+    for fd, inode in sorted(new.items()):
+        if (sock := objects.get(fd)) is not None:
+            problems.append(f"{sock!r} still open; created at:\n{where(sock)}")
+            sock.close()
+        else:
+            problems.append(f"fd {fd} ({inode}, {describe_fd(fd)}) still open, held by no")
+            problems[-1] += " Python socket object (an event loop's transport?)"
+    return problems
+
+
+def describe_fd(fd: int) -> str:
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        return repr(exc)
+    with dup:
+        try:
+            return f"{dup.family.name} {dup.type.name} {dup.getsockname()!r} -> {peer(dup)}"
+        except OSError as exc:
+            return repr(exc)
+
+
+def peer(sock: socket.socket) -> str:
+    try:
+        return repr(sock.getpeername())
+    except OSError:
+        return "no peer"

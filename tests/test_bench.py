@@ -21,33 +21,18 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import (
+    BlockingUpper,
+    EchoLines,
+    OneReplyThenClose,
+    Silent,
+    ThreadingUnixServer,
+    serve_forever,
+    tcp_server,
+)
 from sockserve.bench import LatencyHistogram
-from stdlib_servers import UnixServer, serving, tcp_server
 
 TIMEOUT = 30.0
-
-
-class UpperLines(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line.upper())
-
-
-class EchoLines(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line)
-
-
-class OneReplyThenClose(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        self.wfile.write(self.rfile.readline().upper())
-
-
-class Silent(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        for _ in self.rfile:
-            pass
 
 
 @dataclass
@@ -84,7 +69,7 @@ def assert_percentiles_ordered(summary: dict[str, Any]) -> None:
 
 
 def test_uppercase_server() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = bench(
             address, "--connections", "4", "--duration", "1", "--expect", "upper", "--json"
         )
@@ -122,7 +107,7 @@ def test_echo_expectation() -> None:
 
 
 def test_request_count_stops_the_run() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = bench(
             address,
             "-c",
@@ -142,7 +127,7 @@ def test_request_count_stops_the_run() -> None:
 
 
 def test_pipeline() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = bench(
             address, "-c", "3", "--pipeline", "8", "-n", "301", "--expect", "upper", "--json"
         )
@@ -152,7 +137,7 @@ def test_pipeline() -> None:
 
 
 def test_text_summary() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = bench(address, "-c", "2", "-n", "20")
     assert result.returncode == 0, result.stderr
     for label in ("connections", "requests     20", "throughput", "errors       0", "p99.9"):
@@ -195,7 +180,7 @@ def test_unanswered_requests() -> None:
 
 def test_unix_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "upper.sock")
-    with serving(UnixServer(path, UpperLines)):
+    with serve_forever(ThreadingUnixServer(path, BlockingUpper)):
         result = bench(f"unix:{path}", "-c", "2", "-n", "40", "--expect", "upper", "--json")
     assert result.returncode == 0, result.stderr
     assert result.summary["requests"] == 40
@@ -203,14 +188,14 @@ def test_unix_socket(tmp_path: Path) -> None:
 
 def test_abstract_unix_socket() -> None:
     name = f"sockserve-bench-test-{os.getpid()}"
-    with serving(UnixServer("\0" + name, UpperLines)):
+    with serve_forever(ThreadingUnixServer("\0" + name, BlockingUpper)):
         result = bench(f"unix:@{name}", "-c", "2", "-n", "40", "--expect", "upper", "--json")
     assert result.returncode == 0, result.stderr
     assert result.summary["requests"] == 40
 
 
 def test_asyncio_loop() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = bench(address, "-c", "2", "-n", "40", "--loop", "asyncio", "--expect", "upper")
     assert result.returncode == 0, result.stderr
 
@@ -219,7 +204,7 @@ PROGRESS_OPTIONS = ("-c", "1", "--duration", "1", "--progress-interval", "0.3")
 
 
 def test_progress_lines_when_not_a_terminal() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         shown = bench(address, *PROGRESS_OPTIONS)
         quiet = bench(address, *PROGRESS_OPTIONS, "--quiet")
     assert shown.returncode == 0, shown.stderr
@@ -233,7 +218,7 @@ def test_progress_lines_when_not_a_terminal() -> None:
 def test_progress_on_a_terminal() -> None:
     master, slave = pty.openpty()
     try:
-        with tcp_server(UpperLines) as address:
+        with tcp_server(BlockingUpper) as address:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sockserve.bench", address, *PROGRESS_OPTIONS],
                 stdin=subprocess.DEVNULL,

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ServerProcess, host_port
-from serving import read_all, read_line
+from helpers import ServerProcess, address_of, read_all, read_line, sockserve_argv
 
 StartServer = Callable[..., ServerProcess]
 
@@ -28,6 +27,7 @@ HANDLERS = textwrap.dedent(
 
     class Slow(sockserve.LineHandler):
         async def handle_line(self, line):
+            self.write(b"started\\n")  # the test's cue: the request was read
             await asyncio.sleep(float(line))
             return b"done " + line
 
@@ -64,7 +64,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 def test_demo_serves_lines_and_stops_on_sigterm(start_server: StartServer) -> None:
     server = start_server(["demo", "--bind", "127.0.0.1:0"])
     assert server.urls[0].startswith("tcp://127.0.0.1:")
-    with socket.create_connection(host_port(server.urls[0]), timeout=5) as sock:
+    with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
         sock.sendall(b"hello sockserve\n")
         assert read_line(sock) == b"HELLO SOCKSERVE\n"
     server.signal(signal.SIGTERM)
@@ -82,7 +82,7 @@ def test_demo_on_every_kind_of_listener(start_server: StartServer, tmp_path: Pat
     assert udp.startswith("udp://127.0.0.1:") and unix == f"unix:{sock_path}"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
         u.settimeout(5)
-        u.sendto(b"datagram", host_port(udp))
+        u.sendto(b"datagram", address_of(udp))
         assert u.recv(100) == b"DATAGRAM"
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
@@ -130,7 +130,7 @@ def test_address_in_use_fails_in_one_line(app_dir: Path) -> None:
 
 def test_run_imports_from_the_current_directory(start_server: StartServer, app_dir: Path) -> None:
     server = start_server(["run", "app:Blocking", "--bind", "127.0.0.1:0"], cwd=str(app_dir))
-    with socket.create_connection(host_port(server.urls[0]), timeout=5) as sock:
+    with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
         sock.sendall(b"blocking\n")
         assert read_line(sock) == b"BLOCKING\n"
 
@@ -148,11 +148,12 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(
     start_server: StartServer, app_dir: Path
 ) -> None:
     server = start_server(["run", "app:Slow", "--bind", "127.0.0.1:0"], cwd=str(app_dir))
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     socks = [socket.create_connection(address, timeout=5) for _ in range(5)]
     for sock in socks:
         sock.sendall(b"0.5\n")
-    time.sleep(0.1)  # let the server read them
+    for sock in socks:
+        assert read_line(sock) == b"started\n"
     server.signal(signal.SIGTERM)
     for sock in socks:
         assert read_line(sock) == b"done 0.5\n"
@@ -169,9 +170,9 @@ def test_graceful_timeout_then_second_sigint_stops_at_once(
         ["run", "app:Slow", "--bind", "127.0.0.1:0", "--graceful-timeout", "30"],
         cwd=str(app_dir),
     )
-    sock = socket.create_connection(host_port(server.urls[0]), timeout=5)
+    sock = socket.create_connection(address_of(server.urls[0]), timeout=5)
     sock.sendall(b"20\n")
-    time.sleep(0.1)
+    assert read_line(sock) == b"started\n"
     server.signal(signal.SIGINT)
     server.read_until("stopping", timeout=5)
     started = time.monotonic()
@@ -243,17 +244,12 @@ def test_everything_works_without_uvloop(tmp_path: Path) -> None:
     refused = run_cli("demo", "--loop", "uvloop", "--bind", "127.0.0.1:0", env=env)
     assert refused.returncode == 2
     assert "uvloop is not installed" in refused.stderr and "Traceback" not in refused.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sockserve", "demo", "--bind", "127.0.0.1:0", "--workers", "2"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **env},
+    server = ServerProcess(
+        sockserve_argv(["demo", "--bind", "127.0.0.1:0", "--workers", "2"]), env=env
     )
-    server = ServerProcess(proc, [])
     try:
-        url = server.read_until(r"(?<!metrics )listening on (\S+)").group(1)
-        with socket.create_connection(host_port(url), timeout=5) as sock:
+        url = server.start().urls[0]
+        with socket.create_connection(address_of(url), timeout=5) as sock:
             sock.sendall(b"plain asyncio\n")
             assert read_line(sock) == b"PLAIN ASYNCIO\n"
         probe = subprocess.run(

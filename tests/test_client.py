@@ -19,17 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from stdlib_servers import UnixServer, serving, tcp_server
+from helpers import (
+    BlockingUpper,
+    OneReplyThenClose,
+    Silent,
+    ThreadingUnixServer,
+    serve_forever,
+    tcp_server,
+)
 
 TIMEOUT = 20.0
-
-
-class UpperLines(socketserver.StreamRequestHandler):
-    """Each line back uppercased, newline included."""
-
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line.upper())
 
 
 class TutorialUpper(socketserver.BaseRequestHandler):
@@ -40,22 +39,9 @@ class TutorialUpper(socketserver.BaseRequestHandler):
             self.request.sendall(data.upper())
 
 
-class OneReplyThenClose(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        self.wfile.write(self.rfile.readline().upper())
-
-
 class CloseWithoutReply(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         self.rfile.readline()
-
-
-class Silent(socketserver.StreamRequestHandler):
-    """Reads everything, answers nothing."""
-
-    def handle(self) -> None:
-        for _ in self.rfile:
-            pass
 
 
 class SlowTwoParts(socketserver.StreamRequestHandler):
@@ -102,7 +88,7 @@ def closed_port() -> int:
 
 
 def test_lines_with_newlines() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = client(address, b"hello\nworld\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "HELLO\nWORLD\n"
@@ -135,14 +121,14 @@ def test_empty_lines_are_not_sent() -> None:
 
 
 def test_last_line_without_newline_is_sent() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = client(address, b"one\ntwo")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ONE\nTWO\n"
 
 
 def test_invalid_utf8_reply_is_replaced() -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         result = client(address, b"caf\xe9\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "CAF\ufffd\n"
@@ -190,7 +176,7 @@ def test_bad_address() -> None:
 
 def test_unix_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "upper.sock")
-    with serving(UnixServer(path, UpperLines)):
+    with serve_forever(ThreadingUnixServer(path, BlockingUpper)):
         result = client(f"unix:{path}", b"over unix\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "OVER UNIX\n"
@@ -198,7 +184,7 @@ def test_unix_socket(tmp_path: Path) -> None:
 
 def test_abstract_unix_socket() -> None:
     name = f"sockserve-client-test-{os.getpid()}"
-    with serving(UnixServer("\0" + name, UpperLines)):
+    with serve_forever(ThreadingUnixServer("\0" + name, BlockingUpper)):
         result = client(f"unix:@{name}", b"abstract\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ABSTRACT\n"
@@ -221,7 +207,7 @@ def test_missing_unix_socket(tmp_path: Path) -> None:
 
 
 def test_udp_one_datagram_per_line() -> None:
-    with serving(socketserver.UDPServer(("127.0.0.1", 0), UpperDatagrams)) as server:
+    with serve_forever(socketserver.UDPServer(("127.0.0.1", 0), UpperDatagrams)) as server:
         port = server.server_address[1]  # type: ignore[index]
         result = client(f"udp://127.0.0.1:{port}", b"one\ntwo\n")
     assert result.returncode == 0, result.stderr
@@ -373,7 +359,7 @@ def test_terminal_prompt_reply_and_ctrl_d(terminal: Callable[[str], Terminal]) -
 
 
 def test_terminal_ctrl_c(terminal: Callable[[str], Terminal]) -> None:
-    with tcp_server(UpperLines) as address:
+    with tcp_server(BlockingUpper) as address:
         term = terminal(address)
         term.expect(b"> ")
         term.type(b"abc\r")

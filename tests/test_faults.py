@@ -17,90 +17,43 @@ import signal
 import socket
 import ssl
 import struct
-import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trustme
 
-from faultkit import (
+from helpers import (
+    MB,
     Chatty,
-    Proc,
-    ShortLived,
+    Load,
+    ServerProcess,
     address_of,
+    ask,
     child_pids,
     cpu_seconds,
-    dripper_result,
     ms,
     open_fds,
+    open_fds_at_most,
     percentile,
     raise_nofile,
+    read_line,
     report,
     round_trips,
     rss_bytes,
     start_drippers,
 )
-from serving import read_line
 
 pytestmark = pytest.mark.fault
 
-Spawn = Callable[..., Proc]
-MB = 1024 * 1024
-
-APP = """
-import socketserver
-import sockserve
+StartServer = Callable[..., ServerProcess]
 
 
-class StreamUpper(sockserve.StreamHandler):
-    async def handle(self):
-        while line := await self.readline():
-            self.write(line.upper())
-            await self.drain()
-
-
-class BlockingUpper(socketserver.StreamRequestHandler):
-    def handle(self):
-        for line in self.rfile:
-            self.wfile.write(line.upper())
-
-
-class Sizes(sockserve.DatagramHandler):
-    def handle_datagram(self, data, client_address):
-        return b"%d" % len(data)
-"""
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start ``python -m sockserve ARGS`` and wait until it listens; stop it in teardown."""
-    procs: list[Proc] = []
-
-    def start(
-        args: Sequence[str], *, listeners: int = 1, cwd: str | None = None, nofile: int = 0
-    ) -> Proc:
-        proc = Proc(args, cwd=cwd, nofile=nofile or None)
-        procs.append(proc)
-        return proc.start(listeners)
-
-    yield start
-    for proc in procs:
-        proc.stop()
-
-
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Path:
-    (tmp_path / "faultapp.py").write_text(textwrap.dedent(APP))
-    return tmp_path
-
-
-def serve_app(spawn: Spawn, app_dir: Path, handler: str, *args: str) -> Proc:
-    """``demo`` for the line handler, else ``run faultapp:HANDLER``."""
-    command = ["demo"] if handler == "line" else ["run", f"faultapp:{handler}"]
-    return spawn([*command, "--bind", "127.0.0.1:0", *args], cwd=str(app_dir))
+def serve_app(start_server: StartServer, handler: str, *args: str) -> ServerProcess:
+    """``demo`` for the line handler, else ``run helpers:HANDLER``."""
+    command = ["demo"] if handler == "line" else ["run", f"helpers:{handler}"]
+    return start_server([*command, "--bind", "127.0.0.1:0", *args])
 
 
 def abort(sock: socket.socket) -> None:
@@ -109,21 +62,15 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-def ask(address: tuple[str, int], request: bytes = b"still here\n") -> bytes:
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(request)
-        return read_line(sock)
-
-
 # -- slowloris ---------------------------------------------------------------------------
 
 DRIPPERS = 2000
 
 
-def test_slowloris_drippers_do_not_slow_a_normal_client(spawn: Spawn) -> None:
+def test_slowloris_drippers_do_not_slow_a_normal_client(start_server: StartServer) -> None:
     """2,000 peers dripping a byte a second are all kept; a normal client's p99 holds."""
     raise_nofile()
-    server = spawn(["demo", "--bind", "127.0.0.1:0"])
+    server = start_server(["demo", "--bind", "127.0.0.1:0"])
     address = address_of(server.urls[0])
     round_trips(address, 100)  # warm up
     baseline = round_trips(address, 300, period=0.005)
@@ -135,11 +82,8 @@ def test_slowloris_drippers_do_not_slow_a_normal_client(spawn: Spawn) -> None:
         cpu = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - started)
         held = open_fds(server.pid)
         rss = rss_bytes(server.pid)
-        result = dripper_result(drippers, timeout=30)
     finally:
-        if drippers.poll() is None:
-            drippers.kill()
-            drippers.communicate()
+        result = drippers.finish(timeout=30)
     p99_base, p99_loaded = percentile(baseline, 99), percentile(loaded, 99)
     report(
         "slowloris",
@@ -158,19 +102,14 @@ def test_slowloris_drippers_do_not_slow_a_normal_client(spawn: Spawn) -> None:
     assert p99_loaded <= max(5 * p99_base, p99_base + 0.020)
 
 
-def test_slowloris_drippers_are_closed_at_the_idle_timeout(spawn: Spawn) -> None:
+def test_slowloris_drippers_are_closed_at_the_idle_timeout(start_server: StartServer) -> None:
     """With --idle-timeout 0.5 a peer silent for 0.5 s is closed, however many there are."""
     raise_nofile()
     idle = 0.5
-    server = spawn(["demo", "--bind", "127.0.0.1:0", "--idle-timeout", str(idle)])
+    server = start_server(["demo", "--bind", "127.0.0.1:0", "--idle-timeout", str(idle)])
     address = address_of(server.urls[0])
     drippers = start_drippers(address, DRIPPERS, interval=1.0, duration=3.0)
-    try:
-        result = dripper_result(drippers, timeout=30)
-    finally:
-        if drippers.poll() is None:
-            drippers.kill()
-            drippers.communicate()
+    result = drippers.finish(timeout=30)
     after = result["closed_after"]
     report(
         "slowloris-idle-timeout",
@@ -182,7 +121,7 @@ def test_slowloris_drippers_are_closed_at_the_idle_timeout(spawn: Spawn) -> None
     assert result["closed"] == DRIPPERS
     assert min(after) >= idle - 0.02  # not before the timeout
     assert max(after) <= idle + 1.0  # and not long after it
-    assert ask(address) == b"STILL HERE\n"
+    assert ask(address) == b"HI\n"
 
 
 # -- out of descriptors ------------------------------------------------------------------
@@ -204,12 +143,11 @@ def answered(socks: list[socket.socket], requests: list[bytes], timeout: float) 
     return got
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_out_of_descriptors_backs_off_quietly_and_recovers(spawn: Spawn, loop: str) -> None:
+def test_out_of_descriptors_backs_off_quietly_and_recovers(
+    start_server: StartServer, loop: str
+) -> None:
     """RLIMIT_NOFILE 64 and 150 clients: little CPU, a log line or two, then serves again."""
-    if loop == "uvloop":
-        pytest.importorskip("uvloop")
-    server = spawn(["demo", "--bind", "127.0.0.1:0", "--loop", loop], nofile=64)
+    server = start_server(["demo", "--bind", "127.0.0.1:0", "--loop", loop], nofile=64)
     address = address_of(server.urls[0])
     requests = [b"client %d\n" % i for i in range(150)]
     clients = []
@@ -228,7 +166,7 @@ def test_out_of_descriptors_backs_off_quietly_and_recovers(spawn: Spawn, loop: s
         for sock in clients:
             sock.close()
     started = time.monotonic()
-    assert ask(address) == b"STILL HERE\n"
+    assert ask(address) == b"HI\n"
     recovery = time.monotonic() - started
     report(
         f"out-of-descriptors[{loop}]",
@@ -248,10 +186,10 @@ def test_out_of_descriptors_backs_off_quietly_and_recovers(spawn: Spawn, loop: s
 
 
 @pytest.mark.parametrize("handler", ["line", "StreamUpper", "BlockingUpper"])
-def test_peer_that_never_reads_is_not_buffered(spawn: Spawn, app_dir: Path, handler: str) -> None:
+def test_peer_that_never_reads_is_not_buffered(start_server: StartServer, handler: str) -> None:
     """A peer pushing lines for 2.5 s without reading: the server stops reading from it,
     its memory stays flat, and another client is served all along."""
-    server = serve_app(spawn, app_dir, handler)
+    server = serve_app(start_server, handler)
     address = address_of(server.urls[0])
     round_trips(address, 20)
     rss_before = rss_bytes(server.pid)
@@ -293,27 +231,23 @@ def test_peer_that_never_reads_is_not_buffered(spawn: Spawn, app_dir: Path, hand
     assert sent - sent_at_1s < 4 * MB  # and the peer stopped getting anywhere
     assert len(latencies) >= 100
     assert max(latencies) < 0.5
-    assert ask(address) == b"STILL HERE\n"
+    assert ask(address) == b"HI\n"
 
 
 # -- resets, half-closes, garbage, long lines --------------------------------------------
 
 STREAM_HANDLERS = ["line", "StreamUpper", "BlockingUpper"]
-LOOPS = ["asyncio", "uvloop"]
 
 
-@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("handler", STREAM_HANDLERS)
 def test_resets_and_vanishing_peers_leak_nothing(
-    spawn: Spawn, app_dir: Path, handler: str, loop: str
+    start_server: StartServer, handler: str, loop: str
 ) -> None:
     """Peers that reset mid-write, connect and vanish, or stop mid-line: no traceback, no
     descriptor left behind, others served."""
-    if loop == "uvloop":
-        pytest.importorskip("uvloop")
-    server = serve_app(spawn, app_dir, handler, "--loop", loop, "--access-log")
+    server = serve_app(start_server, handler, "--loop", loop, "--access-log")
     address = address_of(server.urls[0])
-    assert ask(address) == b"STILL HERE\n"
+    assert ask(address) == b"HI\n"
     server.wait_count(r" in=\d+ out=\d+ ", 1)
     fds_before = open_fds(server.pid)
     burst = b"".join(b"line %d\n" % i for i in range(100_000))  # 1.2 MB of replies to come
@@ -341,10 +275,10 @@ def test_resets_and_vanishing_peers_leak_nothing(
         sock.sendall(b"half a li")
         abort(sock)
         connections += 1
-    assert ask(address) == b"STILL HERE\n"
+    assert ask(address) == b"HI\n"
     connections += 1
     logged = server.wait_count(r" in=\d+ out=\d+ ", connections, timeout=10)
-    fds_after = open_fds(server.pid)
+    fds_after = open_fds_at_most(server.pid, fds_before)
     report(
         f"resets[{handler},{loop}]",
         connections=connections,
@@ -359,8 +293,8 @@ def test_resets_and_vanishing_peers_leak_nothing(
 
 
 @pytest.mark.parametrize("handler", STREAM_HANDLERS)
-def test_half_close_still_gets_the_replies(spawn: Spawn, app_dir: Path, handler: str) -> None:
-    server = serve_app(spawn, app_dir, handler)
+def test_half_close_still_gets_the_replies(start_server: StartServer, handler: str) -> None:
+    server = serve_app(start_server, handler)
     with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
         sock.sendall(b"one\ntwo\nlast without newline")
         sock.shutdown(socket.SHUT_WR)
@@ -371,7 +305,7 @@ def test_half_close_still_gets_the_replies(spawn: Spawn, app_dir: Path, handler:
 
 
 @pytest.mark.parametrize("handler", STREAM_HANDLERS)
-def test_garbage_bytes_are_lines_like_any_other(spawn: Spawn, app_dir: Path, handler: str) -> None:
+def test_garbage_bytes_are_lines_like_any_other(start_server: StartServer, handler: str) -> None:
     """NUL bytes, invalid UTF-8, random binary, a 60 KB line dripped over a second: each line
     comes back exactly upper-cased, nothing is decoded, nothing is logged."""
     rng = random.Random(1234)
@@ -384,7 +318,7 @@ def test_garbage_bytes_are_lines_like_any_other(spawn: Spawn, app_dir: Path, han
             for _ in range(200)
         ),
     ]
-    server = serve_app(spawn, app_dir, handler)
+    server = serve_app(start_server, handler)
     address = address_of(server.urls[0])
     with socket.create_connection(address, timeout=5) as sock:
         for line in lines:
@@ -402,9 +336,9 @@ def test_garbage_bytes_are_lines_like_any_other(spawn: Spawn, app_dir: Path, han
 
 @pytest.mark.parametrize("handler", ["line", "StreamUpper"])
 def test_twenty_megabyte_line_closes_only_that_peer(
-    spawn: Spawn, app_dir: Path, handler: str
+    start_server: StartServer, handler: str
 ) -> None:
-    server = serve_app(spawn, app_dir, handler)
+    server = serve_app(start_server, handler)
     address = address_of(server.urls[0])
     rss_before = rss_bytes(server.pid)
     sent = 0
@@ -433,15 +367,14 @@ def test_twenty_megabyte_line_closes_only_that_peer(
     assert "Traceback" not in server.text
 
 
-def test_oversized_datagrams_are_reported_never_truncated(spawn: Spawn, app_dir: Path) -> None:
+def test_oversized_datagrams_are_reported_never_truncated(start_server: StartServer) -> None:
     import urllib.request
 
-    server = spawn(
+    server = start_server(
         [
-            *("run", "faultapp:Sizes", "--bind", "udp://127.0.0.1:0"),
+            *("run", "helpers:Sizes", "--bind", "udp://127.0.0.1:0"),
             *("--max-datagram", "1000", "--metrics", "127.0.0.1:0"),
         ],
-        cwd=str(app_dir),
     )
     metrics_url = server.wait_for(r"metrics listening on (\S+)").group(1)
     address = address_of(server.urls[0])
@@ -474,7 +407,7 @@ def test_oversized_datagrams_are_reported_never_truncated(spawn: Spawn, app_dir:
 ACCESS = re.compile(r" in=(\d+) out=(\d+) ")
 
 
-def workers_up(server: Proc, workers: int) -> None:
+def workers_up(server: ServerProcess, workers: int) -> None:
     """The supervisor and each worker log ``listening on``: wait for all of them."""
     assert server.wait_count("listening on", 1 + workers, timeout=15) == 1 + workers
 
@@ -496,12 +429,12 @@ def refused(address: tuple[str, int], within: float) -> tuple[bool, int]:
     return False, served
 
 
-def test_sigterm_serves_the_backlog_and_every_request_read(spawn: Spawn) -> None:
+def test_sigterm_serves_the_backlog_and_every_request_read(start_server: StartServer) -> None:
     """16 busy connections fill both workers, 10 more wait in the backlog; on SIGTERM the
     backlog is served, new connections are refused, every request read is answered, and
     the supervisor exits 0 soon after the graceful timeout."""
     graceful = 2.0
-    server = spawn(
+    server = start_server(
         [
             *("demo", "--bind", "127.0.0.1:0", "--workers", "2", "--max-connections", "8"),
             *("--graceful-timeout", str(graceful), "--access-log"),
@@ -510,10 +443,11 @@ def test_sigterm_serves_the_backlog_and_every_request_read(spawn: Spawn) -> None
     address = address_of(server.urls[0])
     workers_up(server, 2)
     chatty = Chatty(address, 16, period=0.02)
+    queued: list[socket.socket] = []
     try:
         assert chatty.wait_answered(1)
         requests = [b"queued %d\n" % i for i in range(10)]
-        queued = [socket.create_connection(address, timeout=5) for _ in requests]
+        queued += [socket.create_connection(address, timeout=5) for _ in requests]
         for sock, request in zip(queued, requests, strict=True):
             sock.sendall(request)
         assert answered(queued, requests, timeout=0.3) == 0  # they wait in the backlog
@@ -558,15 +492,17 @@ def test_sigterm_serves_the_backlog_and_every_request_read(spawn: Spawn) -> None
         socket.create_connection(address, timeout=5).close()
 
 
-def test_sigterm_under_short_lived_load(spawn: Spawn) -> None:
+def test_sigterm_under_short_lived_load(start_server: StartServer) -> None:
     """Clients connecting all the time: once a connection is made it is answered, even
     when SIGTERM lands; after that, connections are refused; exit 0 at once."""
-    server = spawn(["demo", "--bind", "127.0.0.1:0", "--workers", "2", "--graceful-timeout", "5"])
+    server = start_server(
+        ["demo", "--bind", "127.0.0.1:0", "--workers", "2", "--graceful-timeout", "5"]
+    )
     address = address_of(server.urls[0])
     workers_up(server, 2)
-    load = ShortLived(address, threads=8)
+    load = Load(address, threads=8)
     try:
-        time.sleep(0.5)  # let the load run
+        load.wait_ok(101)
         term = time.monotonic()
         server.signal(signal.SIGTERM)
         code = server.wait(10)
@@ -588,12 +524,12 @@ def test_sigterm_under_short_lived_load(spawn: Spawn) -> None:
     assert failures == []
 
 
-def test_sigkill_of_a_worker_fails_only_what_it_held(spawn: Spawn) -> None:
-    server = spawn(["demo", "--bind", "127.0.0.1:0", "--workers", "2"])
+def test_sigkill_of_a_worker_fails_only_what_it_held(start_server: StartServer) -> None:
+    server = start_server(["demo", "--bind", "127.0.0.1:0", "--workers", "2"])
     address = address_of(server.urls[0])
     workers_up(server, 2)
     idle_fds = {pid: open_fds(pid) for pid in child_pids(server.pid)}
-    load = ShortLived(address, threads=8)
+    load = Load(address, threads=8)
     chatty = Chatty(address, 8, period=0.02)
     try:
         assert chatty.wait_answered(5)
@@ -604,7 +540,7 @@ def test_sigkill_of_a_worker_fails_only_what_it_held(spawn: Spawn) -> None:
         os.kill(victim, signal.SIGKILL)
         server.wait_for(rf"worker {victim} died \(signal SIGKILL\)", timeout=5)
         workers_up(server, 3)  # the replacement is serving
-        time.sleep(0.5)  # and the load goes on against it
+        load.wait_ok(51, after=kill + 0.5)  # and the load goes on against it
     finally:
         load.stop()
         chatty.stop()
@@ -626,11 +562,11 @@ def test_sigkill_of_a_worker_fails_only_what_it_held(spawn: Spawn) -> None:
     assert load.count("ok", after=kill + 0.5) > 50
 
 
-def test_sighup_reload_drops_nothing(spawn: Spawn) -> None:
-    server = spawn(["demo", "--bind", "127.0.0.1:0", "--workers", "2"])
+def test_sighup_reload_drops_nothing(start_server: StartServer) -> None:
+    server = start_server(["demo", "--bind", "127.0.0.1:0", "--workers", "2"])
     address = address_of(server.urls[0])
     workers_up(server, 2)
-    load = ShortLived(address, threads=8)
+    load = Load(address, threads=8)
     chatty = Chatty(address, 8, period=0.02)
     try:
         assert chatty.wait_answered(5)
@@ -638,7 +574,8 @@ def test_sighup_reload_drops_nothing(spawn: Spawn) -> None:
         server.signal(signal.SIGHUP)
         server.wait_for("reload done", timeout=15)
         reloaded = time.monotonic() - hup
-        time.sleep(0.5)  # new workers serve every new connection
+        load.wait_ok(51, after=hup + reloaded)  # new workers serve every new connection
+        assert chatty.wait_ended()
     finally:
         load.stop()
         chatty.stop()
@@ -663,22 +600,6 @@ def test_sighup_reload_drops_nothing(spawn: Spawn) -> None:
 # -- TLS -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    directory = tmp_path_factory.mktemp("tls")
-    server_cert = ca.issue_cert("localhost", "127.0.0.1")
-    paths = {"cert": directory / "s.pem", "key": directory / "s.key", "ca": directory / "ca.pem"}
-    server_cert.private_key_and_cert_chain_pem.write_to_path(str(paths["cert"]))
-    server_cert.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    return {name: str(path) for name, path in paths.items()}
-
-
 def tls_round_trip(address: tuple[str, int], ca: trustme.CA, cert: Any = None) -> bytes:
     context = ssl.create_default_context()
     ca.configure_trust(context)
@@ -690,10 +611,10 @@ def tls_round_trip(address: tuple[str, int], ca: trustme.CA, cert: Any = None) -
             return read_line(sock)
 
 
-def tls_server(spawn: Spawn, files: dict[str, str], loop: str, *args: str) -> Proc:
-    if loop == "uvloop":
-        pytest.importorskip("uvloop")
-    return spawn(
+def tls_server(
+    start_server: StartServer, files: dict[str, str], loop: str, *args: str
+) -> ServerProcess:
+    return start_server(
         [
             *("demo", "--bind", "127.0.0.1:0", "--loop", loop),
             *("--tls-cert", files["cert"], "--tls-key", files["key"], *args),
@@ -721,12 +642,11 @@ def closing_times(socks: list[socket.socket], timeout: float) -> list[float]:
     return closed
 
 
-@pytest.mark.parametrize("loop", LOOPS)
 def test_tls_silent_peers_do_not_hold_up_a_real_client(
-    spawn: Spawn, tls_files: dict[str, str], ca: trustme.CA, loop: str
+    start_server: StartServer, certs: dict[str, str], ca: trustme.CA, loop: str
 ) -> None:
     timeout = 1.0
-    server = tls_server(spawn, tls_files, loop, "--handshake-timeout", str(timeout))
+    server = tls_server(start_server, certs, loop, "--handshake-timeout", str(timeout))
     address = address_of(server.urls[0])
     connected = time.monotonic()
     silent = [socket.create_connection(address, timeout=5) for _ in range(200)]
@@ -764,11 +684,10 @@ PLAINTEXT = [
 ]
 
 
-@pytest.mark.parametrize("loop", LOOPS)
 def test_plaintext_on_the_tls_port_is_closed_quietly(
-    spawn: Spawn, tls_files: dict[str, str], ca: trustme.CA, loop: str
+    start_server: StartServer, certs: dict[str, str], ca: trustme.CA, loop: str
 ) -> None:
-    server = tls_server(spawn, tls_files, loop)
+    server = tls_server(start_server, certs, loop)
     address = address_of(server.urls[0])
     before = server.mark()
     peers = []
@@ -789,11 +708,10 @@ def test_plaintext_on_the_tls_port_is_closed_quietly(
     assert "Traceback" not in server.text
 
 
-@pytest.mark.parametrize("loop", LOOPS)
 def test_mutual_tls_refuses_missing_expired_and_untrusted_certificates(
-    spawn: Spawn, tls_files: dict[str, str], ca: trustme.CA, loop: str
+    start_server: StartServer, certs: dict[str, str], ca: trustme.CA, loop: str
 ) -> None:
-    server = tls_server(spawn, tls_files, loop, "--tls-client-ca", tls_files["ca"])
+    server = tls_server(start_server, certs, loop, "--tls-client-ca", certs["ca"])
     address = address_of(server.urls[0])
     now = datetime.datetime.now(datetime.timezone.utc)
     clients = {

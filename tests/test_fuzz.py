@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRE_ALL
+from helpers import REQUIRE_ALL
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = 10  # per harness in the normal run; fuzz/README.md says how to run for longer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import socketserver
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,26 +10,12 @@ from pathlib import Path
 import pytest
 
 import sockserve
-from conftest import require_program
-from serving import closed_by_server, read_line, serving
+from helpers import BlockingWho, Who, closed_by_server, read_line, require_program, serving
 from sockserve.proxy_protocol import parse_prefix
 
 pytestmark = pytest.mark.external
 
 CLIENT_IP = "127.0.0.2"  # the test client connects from here; the handler must see it
-
-
-class Who(sockserve.LineHandler):
-    def handle_line(self, line: bytes) -> bytes:
-        unique = self.proxy.unique_id.decode() if self.proxy and self.proxy.unique_id else "-"
-        version = self.proxy.version if self.proxy else 0
-        return f"{self.client_address[0]} v{version} {unique}\n".encode()
-
-
-class BlockingWho(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        for _ in self.rfile:
-            self.wfile.write(f"{self.client_address[0]}\n".encode())
 
 
 class HAProxy:
@@ -127,7 +112,7 @@ def test_haproxy_v1_and_v2_give_the_real_client_address(haproxy: object, handler
                     if handler is Who:
                         assert f" {name} " in reply
                         if name == "v2":  # the unique-id TLV made it to the handler
-                            assert reply.split()[2].startswith("7F000002")
+                            assert reply.split()[3].startswith("7F000002")
 
 
 def test_peers_without_a_valid_header_are_refused(haproxy: object) -> None:
@@ -156,25 +141,22 @@ def test_peers_without_a_valid_header_are_refused(haproxy: object) -> None:
 
 def test_haproxy_header_parses_as_haproxy_sends_it(tmp_path: Path, haproxy: object) -> None:
     """Capture HAProxy's bytes on a plain socket and check the sans-IO parser agrees."""
-    backend = socket.socket()
-    backend.bind(("127.0.0.1", 0))
-    backend.listen(8)
-    backend.settimeout(5)
-    port = backend.getsockname()[1]
-    proxy = haproxy(  # type: ignore[operator]
-        {"v2": f"127.0.0.1:{port} send-proxy-v2 proxy-v2-options unique-id,crc32c,authority"}
-    )
-    with proxy.connect("v2") as sock:
-        sock.sendall(b"payload\n")
-        conn, _ = backend.accept()
-        with conn:
-            conn.settimeout(5)
-            data = b""
-            while not data.endswith(b"payload\n"):
-                chunk = conn.recv(4096)
-                assert chunk
-                data += chunk
-    backend.close()
+    with socket.create_server(("127.0.0.1", 0)) as backend:
+        backend.settimeout(5)
+        port = backend.getsockname()[1]
+        proxy = haproxy(  # type: ignore[operator]
+            {"v2": f"127.0.0.1:{port} send-proxy-v2 proxy-v2-options unique-id,crc32c,authority"}
+        )
+        with proxy.connect("v2") as sock:
+            sock.sendall(b"payload\n")
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while not data.endswith(b"payload\n"):
+                    chunk = conn.recv(4096)
+                    assert chunk
+                    data += chunk
     header = parse_prefix(data)
     assert header is not None and header.version == 2 and header.command == "PROXY"
     assert isinstance(header.source, tuple) and header.source[0] == CLIENT_IP

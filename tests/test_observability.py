@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port
-from serving import closed_by_server, read_line
+from helpers import ServerProcess, address_of, closed_by_server, read_line
 
 StartServer = Callable[..., ServerProcess]
 
@@ -97,7 +96,7 @@ def test_metrics_and_json_access_log_match_the_traffic(
         cwd=str(app_dir),
     )
     url = metrics_url(server)
-    tcp = host_port(server.urls[0])
+    tcp = address_of(server.urls[0])
     talk(tcp, [b"hello\n", b"world\n"])  # 12 bytes each way
     talk(tcp, [b"x" * 99 + b"\n"])  # 100 bytes each way
     with socket.create_connection(tcp, timeout=5) as sock:
@@ -112,7 +111,7 @@ def test_metrics_and_json_access_log_match_the_traffic(
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.settimeout(5)
         for _ in range(3):
-            udp.sendto(b"dgram", host_port(server.urls[1]))
+            udp.sendto(b"dgram", address_of(server.urls[1]))
             assert udp.recv(100) == b"DGRAM"
     expected = {
         "sockserve_connections_total": 4,
@@ -135,7 +134,7 @@ def test_metrics_and_json_access_log_match_the_traffic(
 
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    records = [json.loads(line) for line in server.output if line.startswith("{")]
+    records = [json.loads(line) for line in server.lines if line.startswith("{")]
     for record in records:
         assert {"time", "level", "logger", "message"} <= set(record)
     access = [r for r in records if r["logger"] == "sockserve.access"]
@@ -156,7 +155,7 @@ def test_metrics_and_json_access_log_match_the_traffic(
 
 def test_text_access_log_has_the_same_facts(start_server: StartServer) -> None:
     server = start_server(["demo", "--bind", "127.0.0.1:0", "--access-log"])
-    talk(host_port(server.urls[0]), [b"abc\n"])
+    talk(address_of(server.urls[0]), [b"abc\n"])
     line = server.read_until(r"sockserve\.access").string
     assert re.search(r"127\.0\.0\.1:\d+ tcp://127\.0\.0\.1:\d+ [\d.]+ms in=4 out=4 eof", line)
 
@@ -169,7 +168,7 @@ def test_metrics_are_summed_over_workers_and_count_restarts(
         cwd=str(app_dir),
     )
     url = metrics_url(server)
-    tcp = host_port(server.urls[0])
+    tcp = address_of(server.urls[0])
     for _ in range(20):
         talk(tcp, [b"ping\n"])
     values = wait_metrics(url, {"sockserve_connections_total": 20})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import socketserver
 import ssl
 import time
 from pathlib import Path
@@ -14,40 +13,18 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import host_port
-from serving import LOOPS, closed_by_server, read_all, read_line, serving
-from sockserve.handlers import LineHandler, StreamHandler
+from helpers import (
+    BlockingWho,
+    StreamWho,
+    Who,
+    address_of,
+    closed_by_server,
+    read_all,
+    read_line,
+    serving,
+)
+from sockserve.handlers import LineHandler
 from sockserve.proxy_protocol import PP2_TYPE_AUTHORITY, encode_v1, encode_v2
-
-
-class Who(LineHandler):
-    """Answers with the client address and the PROXY header's authority TLV."""
-
-    def handle_line(self, line: bytes) -> bytes:
-        authority = self.proxy.authority if self.proxy else None
-        return f"{self.client_address[0]}:{self.client_address[1]} {authority}\n".encode()
-
-
-class StreamWho(StreamHandler):
-    async def handle(self) -> None:
-        while await self.readline():
-            cert = self.get_extra_info("peercert")
-            subject = dict(x[0] for x in cert["subject"]) if cert else {}
-            self.write(f"{self.client_address[0]} {subject.get('commonName')}\n".encode())
-
-
-class BlockingWho(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        for _ in self.rfile:
-            self.wfile.write(f"{self.client_address[0]}:{self.client_address[1]}\n".encode())
-
-
-@pytest.fixture(params=LOOPS)
-def loop(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    name: str = request.param
-    return name
 
 
 def raw(address: tuple[str, int], first: bytes = b"") -> socket.socket:
@@ -78,7 +55,7 @@ def test_proxy_v2_tlvs_and_ipv6_reach_the_handler(loop: str) -> None:
     header = encode_v2(("2001:db8::7", 1234), ("2001:db8::1", 443), tlvs=tlvs, crc=True)
     with serving(Who, loop, proxy_protocol="any") as server:
         with raw(server.address, header + b"x\n") as sock:
-            assert read_line(sock) == b"2001:db8::7:1234 example.org\n"
+            assert read_line(sock) == b"2001:db8::7:1234 v2 example.org -\n"
 
 
 def test_proxy_local_and_unknown_keep_the_peer_address(loop: str) -> None:
@@ -170,26 +147,6 @@ def test_allow_and_deny_use_the_proxied_address(loop: str) -> None:
 
 
 # -- TLS ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def certs(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    directory = tmp_path_factory.mktemp("tls")
-    server_cert = ca.issue_cert("localhost", "127.0.0.1")
-    paths = {
-        "cert": directory / "server.pem",
-        "key": directory / "server.key",
-        "ca": directory / "ca.pem",
-    }
-    server_cert.private_key_and_cert_chain_pem.write_to_path(str(paths["cert"]))
-    server_cert.private_key_pem.write_to_path(str(paths["key"]))
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    return {name: str(path) for name, path in paths.items()}
 
 
 def client_context(ca: trustme.CA, cert: Any = None, maximum: Any = None) -> ssl.SSLContext:
@@ -324,7 +281,7 @@ def test_sighup_rereads_certificates(start_server: Any, tmp_path: Path, workers:
             workers,
         ]
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
 
     def round_trip(ca: trustme.CA) -> bytes:
         with tls_connect(address, client_context(ca)) as sock:

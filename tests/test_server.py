@@ -17,41 +17,19 @@ from typing import Any
 import pytest
 
 import sockserve
-from serving import LOOPS, closed_by_server, connect, read_all, read_line, serving
+from helpers import (
+    AsyncUpper,
+    BlockingUpper,
+    StreamUpper,
+    Upper,
+    closed_by_server,
+    connect,
+    read_all,
+    read_line,
+    serving,
+)
 from sockserve import binding
 from sockserve.handlers import LineHandler, StreamHandler
-
-pytestmark = pytest.mark.parametrize("loop", LOOPS)
-
-
-@pytest.fixture(autouse=True)
-def _skip_missing_uvloop(loop: str) -> None:
-    if loop == "uvloop":
-        pytest.importorskip("uvloop")
-
-
-class Upper(LineHandler):
-    def handle_line(self, line: bytes) -> bytes:
-        return line.upper()
-
-
-class AsyncUpper(LineHandler):
-    async def handle_line(self, line: bytes) -> bytes:
-        await asyncio.sleep(0)
-        return line.upper()
-
-
-class StreamUpper(StreamHandler):
-    async def handle(self) -> None:
-        while line := await self.readline():
-            self.write(line.upper())
-            await self.drain()
-
-
-class BlockingUpper(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line.upper())
 
 
 class Raising(LineHandler):
@@ -354,15 +332,18 @@ def test_client_address_and_server_attributes(loop: str) -> None:
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(loop: str) -> None:
+    started = threading.Event()
+
     class Slow(LineHandler):
         async def handle_line(self, line: bytes) -> bytes:
+            started.set()
             await asyncio.sleep(0.3)
             return line.upper()
 
     with serving(Slow, loop) as server:
         sock = connect(server.address)
         sock.sendall(b"in flight\n")
-        time.sleep(0.05)
+        assert started.wait(5)
         stopper = threading.Thread(target=server.stop, args=(5.0,))
         stopper.start()
         assert read_line(sock) == b"IN FLIGHT\n"
@@ -608,7 +589,9 @@ def test_graceful_timeout_ends_streams_cleanly_even_with_unread_input(loop: str)
         assert read_line(sock) == b"got one\n"
         flood = threading.Thread(target=sock.sendall, args=(b"z" * (2 << 20),), daemon=True)
         flood.start()  # far past what the server reads ahead: it stops reading
-        time.sleep(0.2)
+        server.wait_until(
+            lambda: not any(c._transport.is_reading() for c in server.server.ledger.connections)
+        )
         server.stop(timeout=0.2)
         assert sock.recv(10) == b""  # a clean end of stream
         sock.close()
@@ -676,7 +659,4 @@ def test_async_datagram_handlers_run_a_bounded_number_at_once(loop: str) -> None
             assert server.call(lambda: endpoint.reading) is False
             udp.settimeout(5)
             assert udp.recvfrom(100)[0].isdigit()  # the running ones finish and answer
-        deadline = time.monotonic() + 5
-        while server.call(lambda: endpoint.reading) is False:  # resumes once they finish
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        server.wait_until(lambda: endpoint.reading)  # resumes once they finish

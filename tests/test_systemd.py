@@ -20,38 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LISTENING, ServerProcess, host_port, require_program
-from serving import read_line
+from helpers import LISTENING, ServerProcess, address_of, ask, read_line, require_program
 
 Spawn = Callable[..., ServerProcess]
 StartServer = Callable[..., ServerProcess]
 SOCKSERVE = [sys.executable, "-m", "sockserve"]
 QUICK = ["--graceful-timeout", "2"]
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start any command with stdout/stderr piped as a ServerProcess; stop it in teardown."""
-    started: list[ServerProcess] = []
-
-    def start(
-        argv: Sequence[str], *, env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()
-    ) -> ServerProcess:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            pass_fds=pass_fds,
-        )
-        server = ServerProcess(proc, [])
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def free_port() -> int:
@@ -87,12 +61,6 @@ def listening(server: ServerProcess, count: int) -> list[str]:
     return urls
 
 
-def ask_tcp(port: int, line: bytes = b"hello\n") -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(line)
-        return read_line(sock)
-
-
 def stop(server: ServerProcess) -> None:
     server.signal(signal.SIGTERM)
     assert server.wait() == 0, server.text
@@ -111,7 +79,7 @@ def test_activation_one_tcp_socket(spawn: Spawn) -> None:
         first.sendall(b"first\n")
         assert listening(server, 1) == [f"tcp://127.0.0.1:{port}"]
         assert read_line(first) == b"FIRST\n"
-    assert ask_tcp(port) == b"HELLO\n"
+    assert ask(("127.0.0.1", port), b"hello\n") == b"HELLO\n"
     assert "Traceback" not in server.text
     stop(server)
 
@@ -129,9 +97,10 @@ def test_activation_tcp_and_unix_sockets(spawn: Spawn, tmp_path: Path) -> None:
         unix.sendall(b"over unix\n")
         assert sorted(listening(server, 2)) == sorted([f"tcp://127.0.0.1:{port}", f"unix:{path}"])
         assert read_line(unix) == b"OVER UNIX\n"
-    assert ask_tcp(port) == b"HELLO\n"
+    assert ask(("127.0.0.1", port), b"hello\n") == b"HELLO\n"
     stop(server)
     assert path.exists()  # sockserve did not create the file, so it leaves it alone
+    path.unlink()
 
 
 def test_activation_datagram(spawn: Spawn) -> None:
@@ -165,7 +134,7 @@ def test_activation_passes_fd_names_and_environment(spawn: Spawn, tmp_path: Path
         "print(os.environ['LISTEN_FDNAMES'], os.environ['SOCKSERVE_MAX_LINE'])\n"
         "print([(a.fd, a.name) for a in systemd_listeners()])\n"
     )
-    server = spawn([*argv, sys.executable, "-c", probe])
+    server = spawn([*argv, sys.executable, "-c", probe], stdout=subprocess.PIPE)
     wait_activator(server, 2)
     socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert server.wait() == 0, server.text
@@ -185,8 +154,9 @@ def test_activation_passes_fd_names_and_environment(spawn: Spawn, tmp_path: Path
         assert f"listening on tcp://127.0.0.1:{port} (web)" in server.text  # systemd's names
         assert f"listening on unix:{path} (admin)" in server.text
         assert read_line(sock) == b""  # over SOCKSERVE_MAX_LINE: closed
-    assert ask_tcp(port, b"short\n") == b"SHORT\n"
+    assert ask(("127.0.0.1", port), b"short\n") == b"SHORT\n"
     stop(server)
+    path.unlink()  # bound by systemd-socket-activate, which leaves it
 
 
 def worker_pids(server: ServerProcess) -> list[int]:
@@ -225,7 +195,7 @@ def test_activation_with_workers_shares_the_sockets(spawn: Spawn) -> None:
     # A reload starts new workers on the same inherited socket.
     server.signal(signal.SIGHUP)
     server.read_until("reload done")
-    assert ask_tcp(port) == b"HELLO\n"
+    assert ask(("127.0.0.1", port), b"hello\n") == b"HELLO\n"
     stop(server)
 
 
@@ -255,7 +225,7 @@ def test_listen_fds_for_another_pid_is_ignored(spawn: Spawn) -> None:
         match = server.read_until(r"listening on (\S+)|cannot bind (\S+)")
         assert match.group(1) == "tcp://127.0.0.1:9999" or match.group(2) == "127.0.0.1:9999:"
         if match.group(1):
-            assert ask_tcp(9999) == b"HELLO\n"
+            assert ask(("127.0.0.1", 9999), b"hello\n") == b"HELLO\n"
             stop(server)
         else:
             assert server.wait() != 0
@@ -271,7 +241,7 @@ def test_bind_wins_over_listen_fds(spawn: Spawn) -> None:
         server = spawn([*argv, *QUICK], pass_fds=[fd])
         [url] = listening(server, 1)
         assert url != f"tcp://127.0.0.1:{inherited.getsockname()[1]}"
-        assert ask_tcp(host_port(url)[1]) == b"HELLO\n"
+        assert ask(address_of(url), b"hello\n") == b"HELLO\n"
         stop(server)
         assert len(LISTENING.findall(server.text)) == 1
 
@@ -285,7 +255,7 @@ def test_listen_fds_for_this_pid_without_bind_is_served(spawn: Spawn) -> None:
         server = spawn(argv, pass_fds=[fd])
         port = inherited.getsockname()[1]
         assert listening(server, 1) == [f"tcp://127.0.0.1:{port}"]
-        assert ask_tcp(port) == b"HELLO\n"
+        assert ask(("127.0.0.1", port), b"hello\n") == b"HELLO\n"
         stop(server)
 
 
@@ -322,7 +292,7 @@ def test_bind_fd_listening_tcp_socket(spawn: Spawn) -> None:
         argv = [*SOCKSERVE, "demo", "--bind", f"fd://{fd}", *QUICK]
         server = spawn(argv, pass_fds=[fd])
         assert listening(server, 1) == [f"tcp://127.0.0.1:{port}"]
-        assert ask_tcp(port) == b"HELLO\n"
+        assert ask(("127.0.0.1", port), b"hello\n") == b"HELLO\n"
         stop(server)
 
 
@@ -340,6 +310,7 @@ def test_bind_fd_bound_stream_socket_is_put_to_listen(spawn: Spawn, tmp_path: Pa
             client.sendall(b"unix\n")
             assert read_line(client) == b"UNIX\n"
         stop(server)
+    path.unlink()  # bound here: ours to remove
 
 
 def test_bind_fd_udp_socket_with_workers(spawn: Spawn) -> None:
@@ -412,9 +383,11 @@ class NotifySocket:
 
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(str(tmp_path / "notify"))
+    path = tmp_path / "notify"
+    sock = NotifySocket(str(path))
     yield sock
     sock.close()
+    path.unlink()
 
 
 def check_notifications(server: ServerProcess, notify: NotifySocket) -> None:
@@ -432,7 +405,7 @@ def check_notifications(server: ServerProcess, notify: NotifySocket) -> None:
     assert int(reloading["MONOTONIC_USEC"]) > 0
     assert sender == pid
     assert notify.receive() == ({"READY": "1"}, pid)
-    assert ask_tcp(host_port(server.urls[0])[1]) == b"HELLO\n"
+    assert ask(address_of(server.urls[0]), b"hello\n") == b"HELLO\n"
 
     server.signal(signal.SIGTERM)
     assert notify.receive() == ({"STOPPING": "1"}, pid)

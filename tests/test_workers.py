@@ -10,15 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port
-from serving import read_line
+from helpers import Load, ServerProcess, address_of, ask, read_line
 
 StartServer = Callable[..., ServerProcess]
 
@@ -60,56 +58,9 @@ def worker_pids(server: ServerProcess) -> list[int]:
     return [pid for pid in started if pid not in stopped]
 
 
-def ask(address: tuple[str, int], line: bytes = b"hi\n") -> bytes:
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(line)
-        return read_line(sock)
-
-
-class Load:
-    """Client threads doing connect / request / reply / close until stopped (bounded)."""
-
-    def __init__(self, address: tuple[str, int], threads: int = 4, limit: float = 20.0) -> None:
-        self.address = address
-        self.ok = 0
-        self.failed: list[str] = []
-        self.replies: list[bytes] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._deadline = time.monotonic() + limit
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            try:
-                reply = ask(self.address)
-                with self._lock:
-                    if reply.endswith(b" hi\n"):
-                        self.ok += 1
-                        self.replies.append(reply)
-                    else:
-                        self.failed.append(repr(reply))
-            except OSError as exc:
-                with self._lock:
-                    self.failed.append(repr(exc))
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-
-
-def wait_for(condition: Callable[[], bool], server: ServerProcess, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; server said:\n{server.text}")
-        try:
-            server.read_until(r".", timeout=0.2)
-        except AssertionError:
-            pass
+def versioned(request: bytes, reply: bytes) -> bool:
+    """The app's reply: ``VERSION PID REQUEST``."""
+    return reply.endswith(b" " + request)
 
 
 def test_killed_worker_is_replaced_while_clients_are_served(
@@ -118,19 +69,20 @@ def test_killed_worker_is_replaced_while_clients_are_served(
     server = start_server(
         ["run", "app:Versioned", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
-    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    address = address_of(server.urls[0])
+    server.wait_until(lambda: len(worker_pids(server)) == 2)
     victim = worker_pids(server)[0]
-    load = Load(address)
-    time.sleep(0.3)
-    os.kill(victim, signal.SIGKILL)
-    server.read_until(rf"worker {victim} died \(signal SIGKILL\)", timeout=5)
-    server.read_until(r"started worker", timeout=5)
-    before = load.ok
-    time.sleep(0.5)
-    load.stop()
-    assert load.ok > before  # served after the kill
-    assert len(load.failed) <= 4, load.failed  # at most the requests the victim held
+    load = Load(address, threads=4, check=versioned)
+    try:
+        load.wait_ok(20)
+        os.kill(victim, signal.SIGKILL)
+        server.read_until(rf"worker {victim} died \(signal SIGKILL\)", timeout=5)
+        server.read_until(r"started worker", timeout=5)
+        assert server.wait_count("sockserve.server: listening on", 3) == 3  # the replacement
+        load.wait_more(20)  # served after the kill
+    finally:
+        load.stop()
+    assert len(load.failures()) <= 4, load.failures()  # at most the requests the victim held
     assert len(worker_pids(server)) == 2
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
@@ -142,21 +94,22 @@ def test_sighup_reload_loses_no_connection_and_loads_new_code(
     server = start_server(
         ["run", "app:Versioned", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
-    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    address = address_of(server.urls[0])
+    server.wait_until(lambda: len(worker_pids(server)) == 2)
     old = set(worker_pids(server))
     long_lived = socket.create_connection(address, timeout=5)
     long_lived.sendall(b"before\n")
     assert read_line(long_lived).startswith(b"v1 ")
-    load = Load(address)
-    time.sleep(0.3)
-    write_app(app_dir, "v2")
-    server.signal(signal.SIGHUP)
-    server.read_until("reload done", timeout=15)
-    time.sleep(0.5)
-    load.stop()
-    assert load.failed == []
-    assert load.ok > 0
+    load = Load(address, threads=4, check=versioned)
+    try:
+        load.wait_ok(20)
+        write_app(app_dir, "v2")
+        server.signal(signal.SIGHUP)
+        server.read_until("reload done", timeout=15)
+        load.wait_more(20)
+    finally:
+        load.stop()
+    assert load.failures() == []
     assert any(reply.startswith(b"v2 ") for reply in load.replies)
     # The connection opened before the reload was idle: its old worker ended it at once
     # (goodbye-first), and the client reconnects to the new code.
@@ -165,7 +118,7 @@ def test_sighup_reload_loses_no_connection_and_loads_new_code(
     with socket.create_connection(address, timeout=5) as again:
         again.sendall(b"after\n")
         assert read_line(again).startswith(b"v2 ")
-    wait_for(lambda: not old & set(worker_pids(server)), server)
+    server.wait_until(lambda: not old & set(worker_pids(server)))
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
 
@@ -175,17 +128,17 @@ def test_ttin_and_ttou_change_the_worker_count(start_server: StartServer, app_di
         ["run", "app:Versioned", "--workers", "1", "--reload", "--bind", "127.0.0.1:0"],
         cwd=str(app_dir),
     )
-    wait_for(lambda: len(worker_pids(server)) == 1, server)
+    server.wait_until(lambda: len(worker_pids(server)) == 1)
     server.signal(signal.SIGTTIN)
-    wait_for(lambda: len(worker_pids(server)) == 2, server)
-    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    server.wait_until(lambda: len(worker_pids(server)) == 2)
+    server.wait_until(lambda: server.text.count("sockserve.server: listening on") == 2)
     server.signal(signal.SIGTTOU)
-    wait_for(lambda: "stopped (exit code 0)" in server.text, server)
+    server.wait_until(lambda: "stopped (exit code 0)" in server.text)
     assert len(worker_pids(server)) == 1
     # The worker that stopped left the shared socket as it was: new clients get in at once.
-    with socket.create_connection(host_port(server.urls[0]), timeout=0.5):
+    with socket.create_connection(address_of(server.urls[0]), timeout=0.5):
         pass
-    assert ask(host_port(server.urls[0])).endswith(b" hi\n")
+    assert ask(address_of(server.urls[0])).endswith(b" hi\n")
 
 
 def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(
@@ -198,15 +151,16 @@ def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(
         ],
         cwd=str(app_dir),
     )
-    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
-    address = host_port(server.urls[0])
+    server.wait_until(lambda: server.text.count("sockserve.server: listening on") == 2)
+    address = address_of(server.urls[0])
     with socket.create_connection(address, timeout=5) as stuck:
         stuck.sendall(b"block the loop\n")
         blocked = int(server.read_until(r"worker (\d+) unresponsive for", timeout=10).group(1))
         server.read_until(rf"worker {blocked} died \(signal SIGKILL\); starting", timeout=10)
         with contextlib.suppress(ConnectionResetError):
             assert stuck.recv(100) == b""
-    wait_for(lambda: len(worker_pids(server)) == 2 and blocked not in worker_pids(server), server)
+    server.wait_until(lambda: len(worker_pids(server)) == 2 and blocked not in worker_pids(server))
+    assert server.wait_count("sockserve.server: listening on", 3) == 3  # the replacement too
     assert ask(address).endswith(b" hi\n")
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
@@ -224,7 +178,7 @@ def test_workers_stopped_with_their_supervisor_are_not_killed_on_resume(
         ],
         cwd=str(app_dir),
     )
-    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    server.wait_until(lambda: server.text.count("sockserve.server: listening on") == 2)
     workers = worker_pids(server)
     for pid in [server.proc.pid, *workers]:
         os.kill(pid, signal.SIGSTOP)
@@ -236,7 +190,7 @@ def test_workers_stopped_with_their_supervisor_are_not_killed_on_resume(
     with pytest.raises(AssertionError, match="no line matching"):
         server.read_until("unresponsive|died", timeout=1.5)
     assert worker_pids(server) == workers
-    assert ask(host_port(server.urls[0])).endswith(b" hi\n")
+    assert ask(address_of(server.urls[0])).endswith(b" hi\n")
 
 
 def test_source_change_reloads_workers_with_reload_flag(
@@ -245,8 +199,8 @@ def test_source_change_reloads_workers_with_reload_flag(
     server = start_server(
         ["run", "app:Versioned", "--reload", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
-    wait_for(lambda: len(worker_pids(server)) == 1, server)
+    address = address_of(server.urls[0])
+    server.wait_until(lambda: len(worker_pids(server)) == 1)
     assert ask(address).startswith(b"v1 ")
     old = worker_pids(server)[0]
     time.sleep(1.1)  # the scan compares modification times
@@ -261,8 +215,8 @@ def test_sigterm_stops_every_worker_and_exits_0(start_server: StartServer, app_d
     server = start_server(
         ["run", "app:SlowBlocking", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
-    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    address = address_of(server.urls[0])
+    server.wait_until(lambda: len(worker_pids(server)) == 2)
     pids = worker_pids(server)
     sock = socket.create_connection(address, timeout=5)
     sock.sendall(b"x\n")
@@ -299,8 +253,8 @@ def test_reuse_port_gives_each_worker_its_own_socket(
         ["run", "app:Versioned", "--workers", "2", "--reuse-port", "--bind", "127.0.0.1:0"],
         cwd=str(app_dir),
     )
-    address = host_port(server.urls[0])
-    wait_for(lambda: len(worker_pids(server)) == 2, server)
+    address = address_of(server.urls[0])
+    server.wait_until(lambda: len(worker_pids(server)) == 2)
     pids = set(worker_pids(server))
     served_by = set()
     for _ in range(200):

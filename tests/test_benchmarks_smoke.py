@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import selectors
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_program
+from helpers import ServerProcess, address_of, require_program
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "benchmarks" / "loadgen.c"
@@ -86,6 +88,29 @@ def test_burst(loadgen: Path, raw_server: tuple[int, int]) -> None:
     assert summary["served"] == 50
     assert summary["errors"] == summary["timeouts"] == 0
     assert 0 < summary["all_served_s"] < 5
+
+
+@pytest.mark.parametrize("module", ["raw_asyncio", "asyncio_streams"])
+def test_reference_server_stops_on_sigterm_with_a_client_connected(module: str) -> None:
+    """On Python 3.12+ ``async with server`` waits for every client to leave: the
+    reference servers must stop on SIGTERM all the same."""
+    server = ServerProcess(
+        [sys.executable, "-m", f"benchmarks.servers.{module}", "--bind", "127.0.0.1:0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert server.proc.stdout is not None
+        line = server.proc.stdout.readline().decode()  # bounded by the test timeout
+        match = re.search(r"listening on (tcp://\S+)", line)
+        assert match, line
+        with socket.create_connection(address_of(match.group(1)), timeout=5) as client:
+            client.sendall(b"still here\n")
+            assert client.recv(100) == b"STILL HERE\n"
+            server.signal(signal.SIGTERM)
+            assert server.wait(10) == 0
+    finally:
+        server.stop()
 
 
 def test_refuses_non_loopback(loadgen: Path) -> None:

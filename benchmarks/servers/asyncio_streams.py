@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from benchmarks.servers.common import announce, parse_args, run
+from benchmarks.servers.common import announce, parse_args, run, serve_until_stopped
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -21,8 +21,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 async def serve(host: str, port: int, backlog: int) -> None:
     server = await asyncio.start_server(handle, host, port, backlog=backlog)
     announce("tcp", server.sockets[0].getsockname())
-    async with server:
-        await server.serve_forever()
+    await serve_until_stopped(server)
 
 
 def main() -> None:

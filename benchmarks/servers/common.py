@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -34,16 +36,38 @@ def announce(scheme: str, sockname: tuple[Any, ...]) -> None:
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]], loop: str) -> None:
-    """Run ``main()`` on uvloop or plain asyncio; Ctrl-C and SIGTERM end quietly."""
-    import signal
+    """Run ``main()`` on uvloop or plain asyncio; Ctrl-C and SIGTERM end it quietly.
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    The signals reach the event loop (add_signal_handler), which cancels ``main``; a
+    KeyboardInterrupt from a Python-level handler would land wherever the loop happens
+    to be instead.
+    """
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_until_signalled(main))
+    else:
+        asyncio.run(_until_signalled(main))
+
+
+async def _until_signalled(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    running = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        running.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await main()
+
+
+async def serve_until_stopped(server: asyncio.AbstractServer) -> None:
+    """Serve until cancelled, then stop listening and return at once.
+
+    Not ``async with server`` or ``serve_forever()``: on Python 3.12+ both wait for every
+    client connection to close, so a signal with a client still connected hung the
+    server. Open connections end with the process.
+    """
     try:
-        if loop == "uvloop":
-            import uvloop
-
-            uvloop.run(main())
-        else:
-            asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
+        await asyncio.Event().wait()
+    finally:
+        server.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from benchmarks.servers.common import announce, parse_args, run
+from benchmarks.servers.common import announce, parse_args, run, serve_until_stopped
 
 
 class UpperProtocol(asyncio.Protocol):
@@ -31,8 +31,7 @@ async def serve(host: str, port: int, backlog: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(UpperProtocol, host, port, backlog=backlog)
     announce("tcp", server.sockets[0].getsockname())
-    async with server:
-        await server.serve_forever()
+    await serve_until_stopped(server)
 
 
 def main() -> None:

@@ -126,11 +126,15 @@ JOIN_GRACE = 5.0  # how long a thread or child left running gets to end by itsel
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Read by helpers.py on import; a server would warn about an unknown SOCKSERVE_ name.
+    os.environ.pop("SOCKSERVE_TEST_HIDE", None)
     for cls in (socket.socket, threading.Thread, subprocess.Popen):
         record_creation(cls)
     # Temporary files of this run, the test processes' included, go to a directory of its
     # own: a socket file left there is this run's, whatever else runs on the machine.
-    private = tempfile.mkdtemp(prefix="sockserve-tests-")
+    # pytest's tmp_path stays where it was: Unix socket paths there are near their limit.
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    private = tempfile.mkdtemp(prefix="ss-tests-")
     os.chmod(private, 0o755)  # tests that drop privileges make world-readable dirs in it
     os.environ["TMPDIR"] = tempfile.tempdir = private
     config.stash[_private_tmp] = private

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import sockserve
-from sockserve.server import Server
 from sockserve.runner import new_event_loop
+from sockserve.server import Server
 
 TESTS = Path(__file__).resolve().parent
 LOOPS = ["asyncio", "uvloop"]

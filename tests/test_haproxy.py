@@ -22,6 +22,7 @@ class HAProxy:
     """haproxy -db with frontends on sockets we bound (fd@N), so no port is guessed."""
 
     def __init__(self, tmp: Path, backends: dict[str, str]) -> None:
+        haproxy = require_program("haproxy")  # skips: before any socket is made
         self.frontends: dict[str, socket.socket] = {}
         sections = [
             "global\n    maxconn 2000\n",
@@ -41,7 +42,6 @@ class HAProxy:
             )
         config = tmp / "haproxy.cfg"
         config.write_text("\n".join(sections))
-        haproxy = require_program("haproxy")
         fds = [s.fileno() for s in self.frontends.values()]
         check = subprocess.run(
             [haproxy, "-c", "-f", str(config)],

@@ -28,6 +28,7 @@ class Balancer:
     """haproxy -db balancing over two backends, with its runtime API on a Unix socket."""
 
     def __init__(self, tmp: Path, ports: dict[str, int]) -> None:
+        haproxy = require_program("haproxy")  # skips: before any socket is made
         self.front = socket.socket()
         self.front.bind(("127.0.0.1", 0))
         self.front.listen(128)
@@ -43,7 +44,6 @@ class Balancer:
             f"frontend fe\n    bind fd@{self.front.fileno()}\n    default_backend be\n"
             f"backend be\n    balance roundrobin\n{servers}"
         )
-        haproxy = require_program("haproxy")
         self.proc = subprocess.Popen(
             [haproxy, "-db", "-f", str(config)],
             pass_fds=[self.front.fileno()],
@@ -82,6 +82,7 @@ class Balancer:
             self.proc.kill()
             self.proc.wait(5)
         self.front.close()
+        Path(self.api).unlink(missing_ok=True)  # haproxy leaves its runtime API socket
 
 
 @dataclass

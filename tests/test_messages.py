@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LISTENING, ServerProcess, host_port
-from serving import read_line
+from helpers import LISTENING, ServerProcess, address_of, read_line
 
 Start = Callable[..., ServerProcess]
 
@@ -65,11 +63,11 @@ def test_peers_are_host_port_in_server_and_access_logs(app_dir: Path, start_serv
     )
     dual = next(u for u in server.urls if "[::]" in u)
     v6 = next(u for u in server.urls if "[::1]" in u)
-    with socket.create_connection(("127.0.0.1", host_port(dual)[1]), timeout=5) as a:
+    with socket.create_connection(("127.0.0.1", address_of(dual)[1]), timeout=5) as a:
         a.sendall(b"hello\n")
         assert read_line(a) == b""  # the handler failed: closed
         port_a = a.getsockname()[1]
-    with socket.create_connection(host_port(v6), timeout=5) as b:
+    with socket.create_connection(address_of(v6), timeout=5) as b:
         b.sendall(b"ping\n")
         assert read_line(b) == b"pong\n"
         port_b = b.getsockname()[1]
@@ -104,7 +102,7 @@ def test_peer_text_is_escaped_in_text_logs(app_dir: Path, start_server: Start) -
 
 def test_handler_errors_are_rate_limited_per_kind(app_dir: Path, start_server: Start) -> None:
     server = start_server(["run", "app:DatagramBoom", "-b", "udp://127.0.0.1:0"], cwd=str(app_dir))
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.settimeout(5)
 
@@ -140,7 +138,7 @@ def test_max_connections_reached_and_resumed_are_logged(app_dir: Path, start_ser
     server = start_server(
         ["run", "app:Echo", "-b", "127.0.0.1:0", "--max-connections", "2"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     first = socket.create_connection(address, timeout=5)
     second = socket.create_connection(address, timeout=5)
     try:
@@ -185,13 +183,7 @@ def test_serve_logs_like_the_cli_unless_logging_is_configured(app_dir: Path) -> 
                 "import logging\nlogging.basicConfig(level='INFO', format='APP %(message)s')\n"
                 + script
             )
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script, str(app_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        server = ServerProcess(proc, [])
+        server = ServerProcess([sys.executable, "-c", script, str(app_dir)])
         try:
             if configured:
                 server.read_until("^APP listening on tcp://127.0.0.1:")

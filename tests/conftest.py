@@ -140,6 +140,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_private_tmp] = private
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What collection made lives for the whole run: keep it out of the collections the
+    # leak check makes after every test, which then only look at what tests made.
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     private = config.stash.get(_private_tmp, None)
     if private is not None:

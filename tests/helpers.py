@@ -667,14 +667,15 @@ class ServerProcess:
                 self._changed.wait(left)
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``condition()`` holds, checking it again at each new line of output."""
+        """Wait until ``condition()`` holds, checking it again at each new line of output
+        (and every 0.1 s, for conditions on the world outside the log)."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while not condition():
                 left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
+                if left <= 0:
                     raise AssertionError(f"timed out; server said:\n{self.text}")
-                self._changed.wait(left)
+                self._changed.wait(min(left, 0.1))
 
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
@@ -716,6 +717,11 @@ class ServerProcess:
         for stream in (self.proc.stdout, self.proc.stderr, self.proc.stdin):
             if stream is not None:
                 stream.close()
+
+
+def wait_for(condition: Callable[[], bool], server: ServerProcess, timeout: float = 10) -> None:
+    """``server.wait_until(condition, timeout)``."""
+    server.wait_until(condition, timeout)
 
 
 def child_pids(pid: int) -> list[int]:

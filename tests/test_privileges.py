@@ -23,8 +23,9 @@ import trustme
 
 import sockserve
 from conftest import ServerProcess, host_port
+from helpers import wait_for
 from serving import read_line
-from test_workers import wait_for, worker_pids
+from test_workers import worker_pids
 
 StartServer = Callable[..., ServerProcess]
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ServerProcess, host_port
-from faultkit import open_fds
+from helpers import open_fds, wait_for
 from serving import read_line
-from test_workers import wait_for
 
 StartServer = Callable[..., ServerProcess]
 

@@ -82,8 +82,14 @@ SERVERS = [
         "stdlib-threading-b4096",
         "tcp",
         _mod("stdlib_threading", "--backlog", "4096"),
-        "the same with request_queue_size = 4096",
-        burst_only=True,
+        "the same with request_queue_size = 4096 (the blocking servers' peer from 1000"
+        " clients on: with a backlog of 5 most of them never get in)",
+    ),
+    ServerSpec(
+        "dropin-threading",
+        "tcp",
+        _mod("stdlib_threading", "--dropin"),
+        "the same program on sockserve.socketserver (the drop-in; backlog SOMAXCONN)",
     ),
     ServerSpec(
         "sockserve-line",
@@ -130,8 +136,8 @@ SERVERS = [
             "--max-connections",
             "20000",
         ),
-        "sockserve run: the stdlib StreamRequestHandler on the bounded thread pool (default"
-        " --threads 128: at most 128 connections served at once, the rest wait)",
+        "sockserve run: the stdlib StreamRequestHandler, a thread per connection (above 128"
+        " connections woken in turn through the ReadyQueue)",
     ),
     ServerSpec("raw-udp-uvloop", "udp", _mod("raw_udp"), "hand-written DatagramProtocol on uvloop"),
     ServerSpec(
@@ -559,7 +565,8 @@ TCP_BASELINE = "raw-uvloop"
 UDP_BASELINE = "raw-udp-uvloop"
 # Each server's second comparison, where the first one is not the fair one.
 PEERS = {
-    "sockserve-blocking": "stdlib-threading",
+    "sockserve-blocking": "stdlib-threading-b4096",
+    "dropin-threading": "stdlib-threading-b4096",
     "sockserve-udp-asyncio": "stdlib-udp",
     "raw-udp-asyncio": "stdlib-udp",
 }
@@ -583,6 +590,9 @@ def flags(results: list[dict[str, Any]], note: str | None) -> str:
     starved = median(results, "starved")
     if starved:
         out.append(f"{starved:.0f} connections never answered in the window")
+    stalled = median(results, "stalled_1s")
+    if stalled:
+        out.append(f"{stalled:.0f} connections went more than 1 s without an answer")
     if any("note" in r for r in results):
         out.append(next(r["note"] for r in results if "note" in r).replace("\n", " ")[:120])
     if note:
@@ -669,6 +679,10 @@ TARGETS_QUOTED = (
     "message handler with a 4-byte length prefix >= 0.95x the line handler's rps at <= 1.05x"
     " its server CPU per round trip, at 64 and 1000 connections with 64-byte requests;",
     "blocking handler under sockserve run >= 0.9x stdlib ThreadingTCPServer at 64 conns;",
+    "blocking handlers at 1000 clients (64-byte lines): every client answered within every"
+    " second; `sockserve run` >= 1.2x the stdlib ThreadingTCPServer's (backlog 4096) round"
+    " trips/s and p99 <= 0.25x its p99; the drop-in >= 1.0x and p99 <= 1.0x; at 64 clients"
+    " `sockserve run` >= 1.0x; 10,000 idle blocking connections at <= 16 KiB each;",
     "10,000 idle connections at <= 1.5x the raw uvloop server's memory per connection;",
     "1,000 simultaneous clients all served within 0.5 s;",
     "UDP >= 0.9x raw uvloop DatagramProtocol, and on plain asyncio (`--loop asyncio`) >= stdlib"
@@ -777,6 +791,7 @@ def targets(data: dict[str, Any]) -> list[Target]:
         0.9,
         "tcp-c64-",
     )
+    blocking_targets(data, out)
     idle = runs.get("idle-10000", {})
     base = median(idle.get(TCP_BASELINE, []), "kib_per_conn")
     for name in ("sockserve-line", "sockserve-stream"):
@@ -811,6 +826,68 @@ def targets(data: dict[str, Any]) -> list[Target]:
         "udp",
     )
     return out
+
+
+def blocking_targets(data: dict[str, Any], out: list[Target]) -> None:
+    """Issue 12's targets: blocking handlers at 1000 clients, 64 clients and 10,000 idle."""
+    runs = data["runs"]
+    peer = "stdlib-threading-b4096"
+    c1000 = runs.get("tcp-c1000-s64", {})
+    for name, rps_goal, p99_goal in (
+        ("sockserve-blocking", 1.2, 0.25),
+        ("dropin-threading", 1.0, 1.0),
+    ):
+        mine, theirs = c1000.get(name, []), c1000.get(peer, [])
+        text = (
+            f"1000 clients: {name} ≥ {rps_goal}x {peer} rps, p99 ≤ {p99_goal}x, every"
+            " client answered within every second"
+        )
+        if not mine or not theirs:
+            out.append(Target(text, "not measured", None))
+            continue
+        rps = ratio(median(mine, "rps"), median(theirs, "rps"))
+        p99 = ratio(median(mine, "p99_us"), median(theirs, "p99_us"))
+        stalled = max(int(r.get("stalled_1s", 0)) for r in mine)
+        miss = max(
+            at_least(rps, rps_goal) or 0.0,
+            at_most(p99, p99_goal) or 0.0,
+            1.0 if stalled else 0.0,
+        )
+        out.append(
+            Target(
+                text,
+                f"rps {fmt_ratio(rps)}, p99 {fmt_ratio(p99)}, clients > 1 s without an answer:"
+                f" {stalled} (worst run)",
+                miss,
+            )
+        )
+    c64 = runs.get("tcp-c64-s64", {})
+    rps = ratio(median(c64.get("sockserve-blocking", []), "rps"), median(c64.get(peer, []), "rps"))
+    cpu = ratio(
+        median(c64.get("sockserve-blocking", []), "cpu_us_per_rt"),
+        median(c64.get(peer, []), "cpu_us_per_rt"),
+    )
+    out.append(
+        Target(
+            f"64 clients: sockserve-blocking ≥ 1.0x {peer} rps",
+            "not measured"
+            if rps is None
+            else f"rps {rps:.2f}x (server CPU per round trip {fmt_ratio(cpu)})",
+            at_least(rps, 1.0),
+        )
+    )
+    idle = runs.get("idle-10000", {})
+    for name in ("sockserve-blocking", "dropin-threading"):
+        results = idle.get(name, [])
+        held = bool(results) and median(results, "connected") == 10000
+        kib = median(results, "kib_per_conn") if held else None
+        out.append(
+            Target(
+                f"10,000 idle connections at ≤ 16 KiB each ({name})",
+                "not measured" if kib is None else f"{kib:.1f} KiB",
+                at_most(kib, 16.0),
+            )
+        )
 
 
 def status(target: Target) -> str:

@@ -1,16 +1,22 @@
 """Reference: stdlib socketserver.ThreadingTCPServer with a StreamRequestHandler.
 
 The listen backlog is the stdlib default (``request_queue_size`` = 5) unless
-``--backlog`` is given: the harness runs both in the burst test.
+``--backlog`` is given: the harness runs both. ``--dropin`` runs the same program on
+``sockserve.socketserver`` (its default backlog is ``socket.SOMAXCONN``).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
-import socketserver
+import sys
 import threading
 from types import FrameType
+
+if "--dropin" in sys.argv:
+    from sockserve import socketserver
+else:
+    import socketserver  # type: ignore[no-redef]
 
 from benchmarks.servers.common import announce
 
@@ -25,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bind", default="127.0.0.1:0")
     parser.add_argument("--backlog", type=int, default=socketserver.TCPServer.request_queue_size)
+    parser.add_argument("--dropin", action="store_true", help="sockserve.socketserver")
     args = parser.parse_args()
     host, _, port = args.bind.rpartition(":")
 

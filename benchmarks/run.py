@@ -349,6 +349,20 @@ def measure(point: Point, spec: ServerSpec, duration: float) -> dict[str, Any]:
     return result
 
 
+def settled_rss(server: Server, timeout: float = 20.0) -> int:
+    """The server's RSS once it stops growing (it may still be accepting and starting
+    threads a second after the clients connected): two reads 0.5 s apart within 0.5%."""
+    deadline = time.monotonic() + timeout
+    last = server.rss_kib()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = server.rss_kib()
+        if abs(now - last) <= last * 0.005:
+            return now
+        last = now
+    return last
+
+
 def measure_idle(server: Server, argv: list[str]) -> dict[str, Any]:
     """Hold K idle connections, opened in two halves; then one line on each.
 
@@ -369,8 +383,7 @@ def measure_idle(server: Server, argv: list[str]) -> dict[str, Any]:
             gens.append(gen)
             assert gen.stdout is not None
             firsts.append(json.loads(gen.stdout.readline() or "{}"))
-            time.sleep(1.0)  # accepts are asynchronous: let the server catch up
-            rss.append(server.rss_kib())
+            rss.append(settled_rss(server))  # accepts (and threads) are asynchronous
         for gen in gens:
             assert gen.stdin is not None
             gen.stdin.write("go\n")

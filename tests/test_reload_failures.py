@@ -275,12 +275,13 @@ def test_a_new_worker_stopped_at_once_resets_no_client(
     load = Load(address, check=versioned)
     try:
         server.signal(signal.SIGTTIN)
+        server.read_until(r"SIGTTIN: 2 worker")
         pid = int(server.read_until(r"started worker (\d+)").group(1))
         os.kill(pid, signal.SIGTERM)
         server.read_until(rf"worker {pid} \w+ \(exit code 0\)", timeout=15)
     finally:
         load.stop()
-    assert load.failures() == []
+    assert load.failures() == [], server.text
     assert load.count("ok") > 0
 
 

@@ -66,7 +66,6 @@ class _Child:
     generation: int  # a reload starts a new one
     beat_fd: int  # the worker writes READY here once it serves, then a BEAT now and then
     started: float
-    ssl_context: ssl.SSLContext | None
     ready: bool = False
     stopping: bool = False
     last_beat: float = 0.0
@@ -361,7 +360,7 @@ class Supervisor:
             for listener in listeners:
                 if listener not in self.shared:
                     listener.sock.close()
-        child = _Child(pid, slot, generation, beat_r, time.monotonic(), ssl_context)
+        child = _Child(pid, slot, generation, beat_r, time.monotonic())
         self.children[pid] = child
         self.selector.register(beat_r, selectors.EVENT_READ, child)
         if link is not None and child_link is not None:

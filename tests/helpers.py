@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import sockserve
-from sockserve.runner import new_event_loop
-from sockserve.server import Server
+from sockserve.testing import RunningServer
 
 TESTS = Path(__file__).resolve().parent
 LOOPS = ["asyncio", "uvloop"]
@@ -427,63 +426,12 @@ class Chatty:
 # -- servers in this process --------------------------------------------------------------
 
 
-class ThreadedServer:
-    """A started Server whose loop runs in a thread; ``stop()`` shuts it down gracefully."""
+class ThreadedServer(RunningServer):
+    """sockserve.testing's server thread with the suite's defaults: the loop named, and
+    handler errors kept in ``errors`` for the tests that provoke them, not re-raised."""
 
     def __init__(self, handler: type, loop: str = "asyncio", **settings: Any) -> None:
-        settings.setdefault("bind", ["127.0.0.1:0"])
-        self.loop = new_event_loop(loop)
-        try:
-            self.server = Server(handler, loop=loop, **settings)
-        except BaseException:
-            self.loop.close()
-            raise
-        self._started = threading.Event()
-        self._errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, name="test-server")
-        self._thread.start()
-        if not self._started.wait(10):
-            raise TimeoutError("server did not start")
-        if self._errors:
-            self._thread.join(10)
-            raise self._errors[0]
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            try:
-                self.loop.run_until_complete(self.server.start())
-            except BaseException as exc:
-                self._errors.append(exc)
-                return
-            finally:
-                self._started.set()
-            self.loop.run_until_complete(self.server.wait_closed())
-        finally:
-            asyncio.set_event_loop(None)
-            self.loop.close()
-
-    @property
-    def urls(self) -> list[str]:
-        return self.server.urls
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.server.listeners[0].sock.getsockname()[:2]
-        return host, port
-
-    def call(self, func: Any, *args: Any) -> Any:
-        """Run ``func(*args)`` in the server's loop and return its result."""
-        done = threading.Event()
-        box: list[Any] = []
-
-        def run() -> None:
-            box.append(func(*args))
-            done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        assert done.wait(5)
-        return box[0]
+        super().__init__(handler, loop=loop, **settings)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         """Wait until ``predicate()``, checked in the server's loop, holds: for server
@@ -495,11 +443,9 @@ class ThreadedServer:
             pause.wait(0.005)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._thread.is_alive():
-            future = asyncio.run_coroutine_threadsafe(self.server.shutdown(timeout), self.loop)
-            with contextlib.suppress(Exception):
-                future.result(timeout + 10)
-            self._thread.join(10)
+        """Stop gracefully, giving open connections ``timeout`` seconds."""
+        self.stop_timeout = timeout
+        super().stop()
 
 
 @contextlib.contextmanager

@@ -172,13 +172,14 @@ class Gate:
         from sockserve.proxy_protocol import parse_prefix
 
         accept = self.settings.proxy_protocol
+        assert accept != "off", "the gate reads a PROXY header only when one is expected"
         got = b""
         while True:
             await self._readable(conn)
             peek = conn.recv(PROXY_PEEK - len(got), socket.MSG_PEEK)
             if not peek:
                 raise EOFError("connection closed before the PROXY header")
-            header = parse_prefix(got + peek, accept)  # type: ignore[arg-type]
+            header = parse_prefix(got + peek, accept)
             if header is not None:
                 rest = header.length - len(got)
                 if rest and len(conn.recv(rest)) != rest:

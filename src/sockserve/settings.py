@@ -15,9 +15,12 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sockserve.framing import DEFAULT_MAX_LINE
+
+if TYPE_CHECKING:
+    from sockserve.proxy_protocol import Accept
 
 __all__ = ["SETTINGS", "Setting", "Settings", "SettingsError", "env_settings", "markdown_reference"]
 
@@ -416,7 +419,7 @@ class Settings:
         metavar="PATH",
     )
     tls_min_version: str = _setting("1.2", choice("1.2", "1.3"), "Oldest TLS version accepted.")
-    proxy_protocol: str = _setting(
+    proxy_protocol: Literal["off"] | Accept = _setting(
         "off",
         choice("off", "v1", "v2", "any"),
         "Expect a PROXY protocol header (HAProxy) before any data; never guessed when off.",

@@ -384,3 +384,31 @@ def test_a_root_only_key_serves_tls_after_the_drop_and_reloads(
     server.signal(signal.SIGTERM)
     assert wait_exit(server) == 0, server.text
     assert "could not start" not in server.text and "died" not in server.text
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_handler_the_user_cannot_read_says_who_imported_it(
+    service_dir: Path, workers: str
+) -> None:
+    """A module only root may read fails at start in one line naming the user that tried
+    (it was imported as root before, and with workers then failed in every worker)."""
+    (service_dir / "app.py").write_text(textwrap.dedent(IMPORT_RECORDER.format(log="/dev/null")))
+    (service_dir / "app.py").chmod(0o600)  # root's
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "sockserve", "run", "app:App", "--bind", "127.0.0.1:0"),
+            *("--user", "nobody", "--workers", workers),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=service_dir,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        f"sockserve: error: importing 'app' failed: PermissionError: [Errno 13] Permission"
+        f" denied: '{service_dir}/app.py' (imported as uid {NOBODY.pw_uid})\n"  # type: ignore[union-attr]
+    ), result.stderr
+    assert "started worker" not in result.stderr

@@ -38,6 +38,7 @@ __all__ = [
     "check_kind",
     "load_before_drop",
     "load_handler",
+    "load_handler_as",
     "load_tls",
     "new_event_loop",
     "raise_open_file_limit",
@@ -391,6 +392,17 @@ def load_handler(ref: HandlerRef) -> type:
     return obj
 
 
+def load_handler_as(ref: HandlerRef, identity: Identity | None) -> type:
+    """``load_handler`` after a switch to ``identity``: an import error says which user
+    imported, since a module the service user cannot read looks missing."""
+    try:
+        return load_handler(ref)
+    except HandlerImportError as exc:
+        if identity is None:
+            raise
+        raise HandlerImportError(f"{exc} (imported as uid {os.getuid()})") from None
+
+
 def _import_failed(module_name: str, exc: BaseException) -> HandlerImportError:
     """``importing 'app' failed: SyntaxError: '(' was never closed (app.py, line 3)``."""
     logger.debug("importing %r failed", module_name, exc_info=exc)
@@ -398,8 +410,10 @@ def _import_failed(module_name: str, exc: BaseException) -> HandlerImportError:
         text, filename, line = exc.msg, exc.filename, exc.lineno
     else:
         text, filename, line = str(exc), None, None
+        machinery = os.path.dirname(importlib.__file__)
         for frame in traceback.extract_tb(exc.__traceback__):
-            if not frame.filename.startswith("<"):  # the last frame not in importlib
+            inside = frame.filename.startswith(("<", machinery)) or frame.filename == __file__
+            if not inside:  # the last frame in the module's own code, not the import's
                 filename, line = frame.filename, frame.lineno
     where = f" ({os.path.basename(filename)}, line {line})" if filename else ""
     detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -425,7 +439,7 @@ def check_handler_in_child(
             if identity is not None:
                 identity.assume(log=False)
             before = set(sys.modules)
-            check_kind(load_handler(ref), listeners)
+            check_kind(load_handler_as(ref, identity), listeners)
             files = _module_files(set(sys.modules) - before)
             os.write(write_end, "\n".join(files).encode("utf-8", "surrogateescape"))
         except HandlerKindError as exc:
@@ -504,7 +518,7 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
         if identity is not None:
             identity.assume()
             warn_unremovable(listeners)
-        handler_class = load_handler(handler)
+        handler_class = load_handler_as(handler, identity)
         check_kind(handler_class, listeners)
     except BaseException:
         for listener in listeners + ([metrics[1]] if metrics else []):

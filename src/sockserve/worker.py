@@ -21,7 +21,7 @@ from sockserve.runner import (
     Identity,
     StopError,
     check_kind,
-    load_handler,
+    load_handler_as,
     run_server,
 )
 from sockserve.settings import Settings
@@ -99,7 +99,7 @@ class Worker:
             if self.identity is not None:
                 self.identity.assume(log=False)
             try:
-                handler = load_handler(self.handler)
+                handler = load_handler_as(self.handler, self.identity)
                 check_kind(handler, self.listeners)
             except (HandlerImportError, HandlerKindError) as exc:
                 self._failed(str(exc))

@@ -273,12 +273,18 @@ def test_metrics_failures_never_stop_the_sweep_or_the_stop(
         assert idle.recv(10) == b""
         assert time.monotonic() - started < 5
     workers = worker_pids(server)
-    os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor dies: the workers follow
-    deadline = time.monotonic() + 15
-    for pid in workers:
-        while os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid):
-            assert time.monotonic() < deadline, f"worker {pid} outlived its supervisor"
-            time.sleep(0.1)
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    metrics_dir = re.search(r"\S*/sockserve-metrics-[^/\s]+", maps)
+    assert metrics_dir, maps
+    try:
+        os.kill(server.proc.pid, signal.SIGKILL)  # the supervisor dies: the workers follow
+        deadline = time.monotonic() + 15
+        for pid in workers:
+            while os.path.exists(f"/proc/{pid}") and "zombie" not in _state(pid):
+                assert time.monotonic() < deadline, f"worker {pid} outlived its supervisor"
+                time.sleep(0.1)
+    finally:
+        shutil.rmtree(metrics_dir.group(0), ignore_errors=True)  # nobody left to remove it
 
 
 def _state(pid: int) -> str:

@@ -308,3 +308,24 @@ def test_blocking_handler_threads_are_counted(loop: str) -> None:
             release.set()
             for sock in socks:
                 sock.close()
+
+
+def test_no_handler_thread_outlives_the_server(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the server has stopped, every handler thread has ended, not just returned:
+    here each is descheduled for a moment right after it reported its connection closed."""
+    report = blocking.BlockingPool._call
+
+    def report_then_stall(pool: blocking.BlockingPool, callback: Any, *args: Any) -> None:
+        report(pool, callback, *args)
+        if getattr(callback, "__name__", "") == "_stream_done":
+            time.sleep(0.3)
+
+    monkeypatch.setattr(blocking.BlockingPool, "_call", report_then_stall)
+    with serving(BlockingUpper, loop) as server:
+        socks = [connect(server.address) for _ in range(200)]
+        try:
+            assert exchange_all(socks, rounds=1, deadline=time.monotonic() + 30) == 200
+        finally:
+            for sock in socks:
+                sock.close()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("sockserve-")] == []

@@ -602,6 +602,7 @@ class BlockingPool:
         self._draining = False  # the server is stopping: every connection ends
         self._lock = threading.Lock()
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._threads: set[threading.Thread] = set()  # stream threads, some maybe ended
         self._all_done: asyncio.Future[None] | None = None
         self._idle_timeout = settings.idle_timeout or None
 
@@ -736,6 +737,10 @@ class BlockingPool:
         finally:
             threading.stack_size(old)
         self.streams += 1
+        threads = self._threads
+        threads.add(thread)
+        if len(threads) > 2 * self.streams + 64:  # forget the ended ones now and then
+            self._threads = {t for t in threads if t.is_alive()}
 
     def _run_stream(
         self,
@@ -903,6 +908,13 @@ class BlockingPool:
         for conn in aged:
             self._end(conn, "max connection age")
 
+    def _join(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the threads of handlers that have returned."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        self.executor.shutdown(wait=True)
+
     def release_all(self) -> None:
         """Unblock handlers waiting to read: their sockets see end of stream (shutdown)."""
         with self._lock:
@@ -918,11 +930,20 @@ class BlockingPool:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
         self._all_done = asyncio.get_running_loop().create_future()
         self._check_all_done()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             await asyncio.wait_for(asyncio.shield(self._all_done), timeout)
         except asyncio.TimeoutError:
             logger.warning("%d handler thread(s) still running at exit", self.streams + self.busy)
-        self.executor.shutdown(wait=False)
+            self.executor.shutdown(wait=False)
+        else:
+            # Every handler has returned and reported; let the threads end too, so that
+            # none outlives the server.
+            left = max(deadline - loop.time(), 0.1)
+            joining = loop.run_in_executor(None, self._join, left)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(joining, left + 1.0)
         if self.queue is not None and not self.streams:
             self.queue.close()
 

@@ -18,7 +18,8 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sockserve.admission import Admission, RemoteAdmission
-from sockserve.observability import HandlerErrorLog, Stats, format_peer, log_access
+from sockserve.metrics import Stats
+from sockserve.observability import HandlerErrorLog, format_peer, log_access
 from sockserve.settings import Settings
 
 if TYPE_CHECKING:

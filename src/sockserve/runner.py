@@ -24,7 +24,8 @@ from typing import Any
 from sockserve import binding, notify
 from sockserve.binding import Listener, bind_all
 from sockserve.kinds import HandlerKindError, kind_of
-from sockserve.observability import Metrics, configure_logging
+from sockserve.metrics import Metrics
+from sockserve.observability import configure_logging
 from sockserve.server import Server
 from sockserve.settings import Settings, SettingsError, describe
 

@@ -25,7 +25,7 @@ from sockserve.gate import Gate
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger, Connections, age_jitter
 from sockserve.listeners import DatagramEndpoint, StreamListener
-from sockserve.observability import Metrics, MetricsServer, log_metrics_url
+from sockserve.metrics import Metrics, MetricsServer, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from sockserve.binding import Listener
 from sockserve.kinds import HandlerKindError
-from sockserve.observability import Metrics
+from sockserve.metrics import Metrics
 from sockserve.runner import (
     HandlerImportError,
     HandlerRef,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -149,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # as a program killed by SIGPIPE (``sockserve bench --json | head``)
     except (UsageError, SettingsError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -158,3 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     return code
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the reader has gone, and the flush at exit must not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 __all__ = [
+    "ANSWER_WAIT",
     "MAX_RATE_CLIENTS",
     "Admission",
     "AdmissionBroker",
@@ -34,6 +35,10 @@ __all__ = [
 MAX_RATE_CLIENTS = 65_536
 
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+# How long a worker waits for the supervisor's answer before admitting the connection
+# anyway (the answer takes microseconds; only a stalled supervisor is this slow).
+ANSWER_WAIT = 1.0
+
 # Rounding slack: a token this close to whole is whole (a timer set for the exact wait
 # must find it there).
 _EPSILON = 1e-9
@@ -121,6 +126,12 @@ class Admission:
         self.open[key] = count + 1
         return None
 
+    def count(self, address: Any) -> None:
+        """Count a connection from ``address`` that was let in whatever the limits."""
+        key = client_key(address)
+        if key is not None:
+            self.open[key] = self.open.get(key, 0) + 1
+
     def release(self, address: Any) -> None:
         """An admitted connection from ``address`` closed."""
         key = client_key(address)
@@ -177,7 +188,8 @@ class Pacer:
 # With --workers N the supervisor keeps the one table, so that a client's limit holds for
 # the whole server whichever worker the kernel hands its connections to. Each worker asks
 # over its own SOCK_SEQPACKET socket, one message per datagram: b"+" HOST to admit (the
-# answer is one byte), b"-" HOST when an admitted connection closes (no answer).
+# answer is one byte), b"-" HOST when an admitted connection closes (no answer), b"!" HOST
+# when a worker that had no answer in time admitted one the answer then refused (count it).
 
 _ANSWERS = {None: b"=", "too many connections from client": b"n", "client connection rate": b"r"}
 _REASONS = {code: reason for reason, code in _ANSWERS.items()}
@@ -200,6 +212,10 @@ class AdmissionBroker:
             if reason is None:
                 held[host] = held.get(host, 0) + 1
             return _ANSWERS[reason]
+        if op == b"!":
+            self.admission.count((host, 0))
+            held[host] = held.get(host, 0) + 1
+            return None
         if op == b"-" and held.get(host):  # only what this worker was given
             held[host] -= 1
             if not held[host]:
@@ -216,12 +232,21 @@ class AdmissionBroker:
 
 class RemoteAdmission:
     """A worker's side: asks the supervisor's broker over ``sock`` (non-blocking; what
-    cannot be sent at once is queued and sent when the socket is writable)."""
+    cannot be sent at once is queued and sent when the socket is writable).
 
-    def __init__(self, sock: socket.socket) -> None:
+    A connection never waits more than ``answer_wait`` for its answer: past it, it is
+    admitted (a stalled supervisor must not stall every client). If the late answer
+    refuses it, the worker tells the broker to count it anyway; that connection's
+    client's releases wait until then, so the table stays exact.
+    """
+
+    def __init__(self, sock: socket.socket, answer_wait: float = ANSWER_WAIT) -> None:
         self.sock = sock
-        self.waiting: deque[asyncio.Future[str | None]] = deque()
+        self.answer_wait = answer_wait
+        self.waiting: deque[tuple[asyncio.Future[str | None], str, asyncio.TimerHandle]] = deque()
         self.outgoing: deque[bytes] = deque()
+        self.late: dict[str, int] = {}  # host: admitted without an answer, answer to come
+        self.held_back: dict[str, int] = {}  # host: releases waiting for those answers
         self.loop: asyncio.AbstractEventLoop | None = None
         self.broken = False
 
@@ -240,13 +265,20 @@ class RemoteAdmission:
         if self.broken:  # the supervisor is gone: this worker is stopping, admit
             future.set_result(None)
             return future
-        self.waiting.append(future)
-        self._send(b"+" + address[0].encode("ascii", "replace"))
+        host = address[0]
+        timer = self.loop.call_later(self.answer_wait, self._no_answer, future, host)
+        self.waiting.append((future, host, timer))
+        self._send(b"+", host)
         return future
 
     def release(self, address: Any) -> None:
-        if client_key(address) is not None and not self.broken:
-            self._send(b"-" + address[0].encode("ascii", "replace"))
+        if client_key(address) is None or self.broken:
+            return
+        host = address[0]
+        if self.late.get(host):
+            self.held_back[host] = self.held_back.get(host, 0) + 1
+        else:
+            self._send(b"-", host)
 
     def close(self) -> None:
         """The worker has stopped: refuse whoever still waits for an answer."""
@@ -255,13 +287,19 @@ class RemoteAdmission:
             self.loop.remove_reader(self.sock.fileno())
             if self.outgoing:
                 self.loop.remove_writer(self.sock.fileno())
-        while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_result("server shutdown")
+        self._settle_waiting("server shutdown")
         self.sock.close()
 
-    def _send(self, message: bytes) -> None:
+    def _no_answer(self, future: asyncio.Future[str | None], host: str) -> None:
+        """No answer in time: read what has come (the worker may just have been busy),
+        then admit the connection if its answer still has not."""
+        self._answers()
+        if not future.done():
+            future.set_result(None)
+            self.late[host] = self.late.get(host, 0) + 1
+
+    def _send(self, op: bytes, host: str) -> None:
+        message = op + host.encode("ascii", "replace")
         if not self.outgoing:
             try:
                 self.sock.send(message)
@@ -288,7 +326,7 @@ class RemoteAdmission:
         self.loop.remove_writer(self.sock.fileno())
 
     def _answers(self) -> None:
-        while True:
+        while not self.broken:
             try:
                 answer = self.sock.recv(16)
             except BlockingIOError:
@@ -298,10 +336,32 @@ class RemoteAdmission:
             if not answer:
                 self._broke()
                 return
-            if self.waiting:
-                future = self.waiting.popleft()
-                if not future.done():
-                    future.set_result(_REASONS.get(answer[:1]))
+            if not self.waiting:
+                continue  # nothing asked: not an answer
+            future, host, timer = self.waiting.popleft()
+            timer.cancel()
+            reason = _REASONS.get(answer[:1])
+            if not future.done():
+                future.set_result(reason)
+            elif self.late.get(host):
+                self._late_answer(host, reason)
+
+    def _late_answer(self, host: str, reason: str | None) -> None:
+        """The answer for a connection already admitted without it."""
+        if reason is not None:  # refused, but it is open: the broker must count it
+            self._send(b"!", host)
+        self.late[host] -= 1
+        if not self.late[host]:
+            del self.late[host]
+            for _ in range(self.held_back.pop(host, 0)):
+                self._send(b"-", host)
+
+    def _settle_waiting(self, reason: str | None) -> None:
+        while self.waiting:
+            future, _, timer = self.waiting.popleft()
+            timer.cancel()
+            if not future.done():
+                future.set_result(reason)
 
     def _broke(self) -> None:
         """The supervisor is gone (the worker stops too): admit whoever still waits."""
@@ -313,7 +373,4 @@ class RemoteAdmission:
         if self.outgoing:
             self.loop.remove_writer(self.sock.fileno())
             self.outgoing.clear()
-        while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_result(None)
+        self._settle_waiting(None)

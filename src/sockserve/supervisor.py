@@ -16,12 +16,12 @@ import dataclasses
 import logging
 import math
 import os
-import select
 import selectors
 import signal
 import socket
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -53,7 +53,6 @@ MAX_BACKOFF = 10.0  # ... up to this
 ALONE_BACKOFF = 1.0  # ... but no longer than this while no other worker serves
 STOP_MARGIN = 5.0  # after the graceful timeout, workers get this long before SIGKILL
 RELOAD_TIMEOUT = 60.0  # new workers must all serve within this, or the reload is abandoned
-LINK_SEND_WAIT = 1.0  # how long an admission answer may wait for room in a worker's socket
 BOOT_FAILED = 2  # the exit status when the first workers cannot start
 
 
@@ -72,6 +71,7 @@ class _Child:
     kill_at: float = math.inf  # SIGKILL if still running then (after a stop request)
     failure: str = ""  # why it could not start, in its own words
     link: socket.socket | None = None  # the worker asks the per-client table over this
+    answers: deque[bytes] = dataclasses.field(default_factory=deque)  # not yet sent on link
 
 
 @dataclass
@@ -223,13 +223,16 @@ class Supervisor:
                 selector.register(wake_r, selectors.EVENT_READ)
                 self._spawn_missing()
                 while self.children or not self.stopping:
-                    for key, _ in selector.select(self._next_timeout()):
+                    for key, events in selector.select(self._next_timeout()):
                         if key.fileobj is wake_r:
                             with contextlib.suppress(OSError):
                                 while wake_r.recv(4096):
                                     pass
                         elif key.fileobj is key.data.link:
-                            self._admission_event(key.data)
+                            if events & selectors.EVENT_WRITE:
+                                self._send_answers(key.data)
+                            if events & selectors.EVENT_READ:
+                                self._admission_event(key.data)
                         else:
                             self._read_beats(key.data)
                     self._handle_signals()
@@ -452,16 +455,27 @@ class Supervisor:
                 return
             answer = broker.handle(worker.pid, message, time.monotonic())
             if answer is not None:
-                try:
-                    link.send(answer)
-                except BlockingIOError:  # the worker is not reading: wait a little
-                    select.select([], [link], [], LINK_SEND_WAIT)
-                    try:
-                        link.send(answer)
-                    except OSError as exc:
-                        logger.error("worker %d: admission answer lost: %s", worker.pid, exc)
-                except OSError:
-                    pass  # gone: the EOF that follows drops the link
+                worker.answers.append(answer)
+                self._send_answers(worker)
+
+    def _send_answers(self, worker: _Child) -> None:
+        """Send the worker its answers in order; those its socket has no room for wait
+        until it reads (a busy worker is never blocked on, nor its answers dropped)."""
+        link, answers = worker.link, worker.answers
+        if link is None:
+            return
+        while answers:
+            try:
+                link.send(answers[0])
+            except BlockingIOError:
+                break
+            except OSError:  # gone: the EOF that follows drops the link
+                answers.clear()
+                break
+            answers.popleft()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if answers else 0)
+        if self.selector.get_key(link).events != events:
+            self.selector.modify(link, events, worker)
 
     def _drop_link(self, worker: _Child) -> None:
         """The worker exited: its connections are gone, and so is its share of the table."""
@@ -469,6 +483,7 @@ class Supervisor:
             self.selector.unregister(worker.link)
             worker.link.close()
             worker.link = None
+            worker.answers.clear()
         if self.broker is not None:
             self.broker.worker_gone(worker.pid)
 

@@ -199,7 +199,8 @@ def test_a_connection_told_goodbye_is_left_out_of_broadcasts(
 def test_a_client_still_in_the_backlog_at_the_stop_is_answered_before_its_goodbye(
     handler: type, clients: list[socket.socket]
 ) -> None:
-    """Its client connected before the stop: it gets BACKLOG_GRACE to send its request."""
+    """Its client connected before the stop: it gets FIRST_REQUEST_WAIT to send its
+    request."""
     with serving(handler, max_connections=1, threads=1) as server:
         open_idle(server.address, 1, clients)
         queued = socket.create_connection(server.address, timeout=10)  # in the backlog

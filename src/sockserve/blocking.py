@@ -32,10 +32,11 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from sockserve.lifecycle import BACKLOG_GRACE, age_jitter
+from sockserve.lifecycle import age_jitter
 from sockserve.observability import format_peer
 
 if TYPE_CHECKING:
@@ -364,17 +365,21 @@ class ReadyQueue:
 class _Idle:
     """What a handler socket needs to wait for input: the queue, its place, the timeout."""
 
-    __slots__ = ("expired", "idle_timeout", "queue", "waiter")
+    __slots__ = ("expired", "idle_timeout", "on_wait", "queue", "waiter")
 
     def __init__(self, queue: ReadyQueue | None, fd: int, idle_timeout: float | None) -> None:
         self.queue = queue
         self.waiter = queue.register(fd) if queue is not None else None
         self.idle_timeout = idle_timeout
         self.expired = False
+        # Called (in the handler's thread) each time it is about to wait for input.
+        self.on_wait: Callable[[], None] | None = None
 
     def wait(self, fd: int, timeout: float | None) -> None:
         """Return once ``fd`` is readable; TimeoutError after ``timeout`` (the handler's
         own) or IdleTimeout after the idle timeout."""
+        if self.on_wait is not None:
+            self.on_wait()
         limit = self.idle_timeout if timeout is None else timeout
         if self.queue is not None and self.waiter is not None:
             ready = self.queue.wait_readable(self.waiter, limit)
@@ -392,6 +397,8 @@ class _Idle:
     def direct(self) -> bool:
         """Whether to wait for input in the kernel (few connections, or no epoll); the
         run slot, if any, is given up first."""
+        if self.on_wait is not None:
+            self.on_wait()
         queue, waiter = self.queue, self.waiter
         if queue is None or waiter is None:
             return True
@@ -762,10 +769,8 @@ class BlockingPool:
             handler = cls.__new__(cls)
             handler.proxy = proxy  # before __init__, which runs setup/handle/finish
             handler.listener = listener.url
-            if self._draining:  # accepted from the backlog while stopping: see BACKLOG_GRACE
-                self._call(
-                    ledger.loop.call_later, BACKLOG_GRACE, self._end, request, "server shutdown"
-                )
+            if self._draining:  # accepted from the backlog while stopping
+                self._call(self._end_unless_fresh, request, "server shutdown")
             handler.__init__(request, address, self.server)
             with self._lock:
                 ended = self._ended.pop(request, None)
@@ -888,6 +893,33 @@ class BlockingPool:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(conn, socket.SHUT_RD)  # under TLS too: no SSL state
 
+    def _end_unless_fresh(self, conn: socket.socket, reason: str) -> None:
+        """``_end`` now, or, for a client yet to send its first request, once the
+        connection is the ledger's first_request_wait old: it is about to send."""
+        with self._lock:
+            started = self._active.get(conn)
+        if started is None:
+            return
+        request: Any = conn
+        wait = 0.0
+        if not request.bytes_in:
+            # Ended when its thread next waits for input once it has read something: set
+            # before bytes_in is read again, so a request read meanwhile is not missed.
+            request._idle.on_wait = lambda: self._end_if_heard(request, reason)
+            if not request.bytes_in:
+                wait = started + self.ledger.first_request_wait - time.monotonic()
+        if wait > 0:
+            self.ledger.loop.call_later(wait, self._end, conn, reason)
+        else:
+            self._end(conn, reason)
+
+    def _end_if_heard(self, request: Any, reason: str) -> None:
+        """In a handler's thread about to wait for input: end the connection if its
+        client has sent something (its first request is answered by now)."""
+        if request.bytes_in:
+            request._idle.on_wait = None
+            self._end(request, reason)
+
     def drain(self, spread: float) -> None:
         """The server is stopping: end every connection goodbye-first (spread evenly over
         ``spread`` seconds), and every one accepted from now on."""
@@ -897,9 +929,10 @@ class BlockingPool:
         loop = self.ledger.loop
         for i, conn in enumerate(conns):
             if spread and i:
-                loop.call_later(spread * i / len(conns), self._end, conn, "server shutdown")
+                delay = spread * i / len(conns)
+                loop.call_later(delay, self._end_unless_fresh, conn, "server shutdown")
             else:
-                self._end(conn, "server shutdown")
+                self._end_unless_fresh(conn, "server shutdown")
 
     def end_aged(self, now: float, age: float) -> None:
         """End goodbye-first the connections older than ``age`` (with their jitter)."""

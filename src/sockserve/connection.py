@@ -195,6 +195,27 @@ class _Connection(asyncio.Protocol):
         self._set_reason(reason)
         self._ending = _ENDING
         if self._idle() and not self._input_pending():
+            self._goodbye_unless_fresh()
+
+    def _goodbye_unless_fresh(self) -> None:
+        """An ending connection is idle: goodbye now, unless its client has not sent its
+        first request yet and connected less than the ledger's first_request_wait ago;
+        then it gets until then to send it (it is answered, then told goodbye)."""
+        wait = 0.0
+        if not self.bytes_in:
+            wait = self._opened + self._ledger.first_request_wait - time.monotonic()
+        if wait > 0:
+            self._ledger.loop.call_later(wait, self._first_request_late)
+        else:
+            self._goodbye()
+
+    def _first_request_late(self) -> None:
+        if (
+            self._ending == _ENDING
+            and not self._closed
+            and self._idle()
+            and not self._input_pending()
+        ):
             self._goodbye()
 
     def _input_pending(self) -> bool:

@@ -111,8 +111,8 @@ class MessageHandler(_Connection):
         except Exception as exc:
             self._handler_error(exc)
             return
-        if self._ledger.stopping:
-            self._ledger.end_from_backlog(self)
+        if self._ledger.stopping:  # accepted from the backlog while stopping
+            self._end("server shutdown")
 
     def _idle(self) -> bool:
         framer = self._framer

@@ -25,13 +25,18 @@ from sockserve.settings import Settings
 if TYPE_CHECKING:
     from sockserve.connection import _Connection
 
-__all__ = ["ConnectionLedger", "Connections", "RateLimitedLog", "age_jitter"]
+__all__ = ["FIRST_REQUEST_WAIT", "ConnectionLedger", "Connections", "RateLimitedLog", "age_jitter"]
 
 # Connection events (refusals, timeouts, handler errors) are the server's to report.
 logger = logging.getLogger("sockserve.server")
 
 
 LIMIT_LOG_INTERVAL = 10.0
+# A connection ended goodbye-first (stop, reload) before its client sent anything gets
+# until it is this old to send its first request: its client connected in the same
+# instant as the stop, or was accepted from the backlog while stopping, and is about to
+# send. Only then is it idle like a connection waiting for its next request.
+FIRST_REQUEST_WAIT = 1.0
 
 
 def age_jitter(seed: int) -> float:
@@ -47,12 +52,6 @@ def read_ahead(settings: Settings) -> int:
 
     share = settings.max_buffered_input // settings.max_connections - settings.max_line
     return min(READ_AHEAD, max(MIN_READ_AHEAD, share))
-
-
-# How long a connection accepted from the backlog while stopping is served before it is
-# ended goodbye-first: its client connected before the stop, and its first request may
-# be on the way (it would otherwise get the goodbye instead of an answer).
-BACKLOG_GRACE = 1.0
 
 
 class RateLimitedLog:
@@ -99,13 +98,12 @@ class ConnectionLedger:
         self.max_connections = settings.max_connections
         self.access_log = settings.access_log
         self.read_ahead = read_ahead(settings)
-        # Connections note when they opened for the access log and --max-connection-age.
-        self.stamp_opened = settings.access_log or bool(settings.max_connection_age)
         self.stats = Stats()
         self.open = 0  # accepted and not yet closed, handshaking ones included
         self.connections: set[_Connection] = set()  # async connections with a transport
         self.tasks: set[asyncio.Task[Any]] = set()  # cancelled if still running at the end
         self.stopping = False
+        self.first_request_wait = FIRST_REQUEST_WAIT
         admission = Admission(settings.max_connections_per_ip, settings.connection_rate_per_ip)
         # Per-client counts: a connection admitted here is released in ``closed``.
         self.admission: Admission | RemoteAdmission | None = (
@@ -160,9 +158,10 @@ class ConnectionLedger:
         self._paused_at, self._limit_logged, self._pauses = now, now, 0
 
     def opened(self, conn: _Connection) -> float:
-        """An async connection has its transport; returns its start time (access log)."""
+        """An async connection has its transport; returns its start time (the access log,
+        --max-connection-age, the wait for a first request when stopping)."""
         self.connections.add(conn)
-        return time.monotonic() if self.stamp_opened else 0.0
+        return time.monotonic()
 
     def lost(self, conn: _Connection) -> None:
         """An async connection's transport is gone (``closed`` follows)."""
@@ -204,12 +203,6 @@ class ConnectionLedger:
     def handler_failed(self, peer: Any, exc: BaseException) -> None:
         self.stats.handler_errors += 1
         self.handler_error_log(peer, exc)
-
-    def end_from_backlog(self, conn: _Connection) -> None:
-        """A connection accepted from the backlog while stopping: served for
-        BACKLOG_GRACE (its client connected before the stop and is likely sending its
-        request right now), then ended goodbye-first like the others."""
-        self.loop.call_later(BACKLOG_GRACE, conn._end, "server shutdown")
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` in a task that the server cancels if it still runs at the end."""

@@ -216,7 +216,7 @@ class Server:
         if not ledger.stopping:
             ledger.stopping = True
             # Goodbyes first to the connections open now; those the backlog still holds
-            # are accepted after, and get their BACKLOG_GRACE.
+            # are accepted after, and get their FIRST_REQUEST_WAIT to send a request.
             self._drain("server shutdown")
             self._stop_accepting()
         await ledger.wait_idle(deadline)

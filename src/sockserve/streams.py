@@ -131,8 +131,8 @@ class StreamHandler(_Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._loop = loop = asyncio.get_running_loop()
-        if self._ledger.stopping:
-            self._ledger.end_from_backlog(self)
+        if self._ledger.stopping:  # accepted from the backlog while stopping
+            self._end("server shutdown")
         if self._simple_hooks:
             try:
                 self.setup()
@@ -313,7 +313,7 @@ class StreamHandler(_Connection):
             if self._reading_paused:
                 self._set_reading(True)
             if self._ending == _ENDING and self._idle() and not self._input_pending():
-                self._goodbye()
+                self._goodbye_unless_fresh()
         return future
 
     # Handler side
@@ -326,7 +326,7 @@ class StreamHandler(_Connection):
         self._want = _LINE
         self._waiter = future
         if self._ending == _ENDING and not self._input_pending():
-            self._goodbye()
+            self._goodbye_unless_fresh()
         return future
 
     def read(self, n: int = -1) -> Awaitable[bytes]:

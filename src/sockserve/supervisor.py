@@ -209,15 +209,18 @@ class Supervisor:
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        self._prepare()
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        self._alive_r, self._alive_w = os.pipe()  # workers see EOF if the supervisor dies
+        self._alive_r = self._alive_w = -1
+        # Signals are queued from before the "listening on" lines: one sent as soon as
+        # they appear is acted on once the loop runs, never the default action (death).
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         previous = {sig: signal.signal(sig, self._queue_signal) for sig in self._handled}
-        logger.info("supervisor %d starting %d worker(s)", os.getpid(), len(self.slots))
         try:
+            self._prepare()
+            self._alive_r, self._alive_w = os.pipe()  # workers see EOF if the supervisor dies
+            logger.info("supervisor %d starting %d worker(s)", os.getpid(), len(self.slots))
             with selectors.DefaultSelector() as selector:
                 self.selector = selector
                 selector.register(wake_r, selectors.EVENT_READ)
@@ -244,8 +247,9 @@ class Supervisor:
                 signal.signal(sig, handler)
             wake_r.close()
             wake_w.close()
-            os.close(self._alive_r)
-            os.close(self._alive_w)
+            for fd in (self._alive_r, self._alive_w):
+                if fd >= 0:
+                    os.close(fd)
             self._close_listeners()
             if self.metrics is not None:
                 self.metrics[1].close()

@@ -359,7 +359,10 @@ class _Connection(asyncio.Protocol):
         self._wake_drain()
         ledger = self._ledger
         ledger.lost(self)
-        ledger.closed(
+        # Accounted for (slot, stats, access log) once the descriptor is closed: the
+        # transport (asyncio's and uvloop's alike) closes it right after this returns.
+        ledger.loop.call_soon(
+            ledger.closed,
             self.client_address,
             self.listener,
             time.monotonic() - self._opened if self._opened else 0.0,

@@ -418,3 +418,42 @@ def test_a_handler_the_user_cannot_read_says_who_imported_it(
         f" denied: '{service_dir}/app.py' (imported as uid {NOBODY.pw_uid})\n"  # type: ignore[union-attr]
     ), result.stderr
     assert "started worker" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_tls_reload_and_stop_after_the_drop_import_nothing_late(
+    start_server: StartServer, root_only_env: dict[str, str], tmp_path: Path, workers: str
+) -> None:
+    """With the interpreter's and sockserve's files unreadable after the drop: TLS
+    clients that name the host (SNI), a failed handshake, a reload (or, in one process,
+    its refusal) and the stop all work, so nothing they need is imported late."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    server = start_server(
+        [
+            *("demo", "--bind", "127.0.0.1:0", "--user", "nobody", "--workers", workers),
+            *("--tls-cert", str(cert_path), "--tls-key", str(key_path), "--access-log"),
+        ],
+        env=root_only_env,
+    )
+    wait_for(lambda: "sockserve.server: listening on" in server.text, server)
+    address = host_port(server.urls[0])
+    assert ask_tls(address, client) == b"SECRET\n"
+    with socket.create_connection(address, timeout=5) as plain:  # not TLS: refused
+        plain.sendall(b"hello\n")
+        assert read_line(plain) == b""
+    server.read_until("TLS handshake failed")
+    server.signal(signal.SIGHUP)
+    # One process cannot read root's files any more: it says so and keeps its context.
+    server.read_until("reload done" if workers == "2" else "TLS reload failed, keeping", 20)
+    assert ask_tls(address, client) == b"SECRET\n"
+    server.signal(signal.SIGTERM)
+    assert wait_exit(server) == 0, server.text
+    assert "Traceback" not in server.text
+    assert "permission denied (simulated)" not in server.text
+    assert "died" not in server.text

@@ -253,7 +253,13 @@ def test_silent_tls_peers_hold_no_handler_thread(
 ) -> None:
     """Peers that never send a ClientHello wait in the event loop, not on a thread; a
     real client behind them is answered at once."""
-    settings = {"tls_cert": certs["cert"], "tls_key": certs["key"], "handshake_timeout": 30}
+    # --threads once bounded these handshakes too: 40 silent peers held every thread.
+    settings = {
+        "tls_cert": certs["cert"],
+        "tls_key": certs["key"],
+        "handshake_timeout": 30,
+        "threads": 40,
+    }
     with serving(BlockingUpper, loop, **settings) as server:
         silent = [connect(server.address) for _ in range(50)]
         try:

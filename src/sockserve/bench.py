@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sockserve.binding import FdAddress, TCPAddress, UDPAddress, UnixAddress, parse_address
-from sockserve.client import error_text, positive
+from sockserve.dialing import describe, error_text, framing_of, positive
 from sockserve.framing import (
     FRAMING_SPECS,
     FixedSize,
     Framer,
     Framing,
     ProtocolError,
-    parse_framing,
 )
 from sockserve.runner import new_event_loop, raise_open_file_limit
 from sockserve.settings import SettingsError
@@ -579,12 +578,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     connect_to: tuple[str, int] | str
     if isinstance(address, TCPAddress):
-        host = address.host or "localhost"
-        connect_to = (host, address.port)
-        url = f"tcp://[{host}]:{address.port}" if ":" in host else f"tcp://{host}:{address.port}"
+        connect_to = (address.host or "localhost", address.port)
     elif isinstance(address, UnixAddress) and not address.datagram:
         connect_to = address.sockaddr
-        url = f"unix:{address.path}"
     else:
         kind = "fd://" if isinstance(address, FdAddress) else "datagram"
         if isinstance(address, UDPAddress):
@@ -596,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        framing = None if args.framing.strip().lower() == "line" else parse_framing(args.framing)
+        framing = framing_of(args.framing)
     except ValueError as exc:
         print(f"{PROG}: error: --framing: {exc}", file=sys.stderr)
         return 2
@@ -611,6 +607,7 @@ def run(args: argparse.Namespace) -> int:
             f"{PROG}: error: --size {args.size} is over what {framing!r} carries", file=sys.stderr
         )
         return 2
+    url = describe(address)
     progress = "none" if args.quiet else ("tty" if sys.stderr.isatty() else "lines")
     options = Options(
         url=url,

@@ -47,7 +47,8 @@ __all__ = [
     "serve",
 ]
 
-logger = logging.getLogger("sockserve.supervisor")
+# The process itself, with or without a supervisor: privileges, signals, stopping.
+logger = logging.getLogger("sockserve.runner")
 
 IMMEDIATE_STOP = 1.0  # after a second Ctrl-C, whatever still runs gets this long
 METRICS_BACKLOG = 128

@@ -28,6 +28,7 @@ from sockserve.settings import Settings
 
 __all__ = ["BOOT_ERROR", "HEARTBEAT", "Worker", "heartbeat_interval"]
 
+# A worker's own life (failed to start, orphaned) is the supervisor's concern: workers.
 logger = logging.getLogger("sockserve.supervisor")
 
 BOOT_ERROR = 3  # a worker exits with this when it could not start serving

@@ -228,10 +228,11 @@ def round_trips(
 
 @dataclass
 class Outcome:
-    when: float
+    when: float  # when it was known (monotonic)
     kind: str  # "ok", "refused" (at connect), or "failed"
     detail: str = ""
     reply: bytes = b""
+    started: float = 0.0  # when the attempt began, before its connect()
 
 
 def upper_cased(request: bytes, reply: bytes) -> bool:
@@ -266,20 +267,20 @@ class Load:
         for thread in self._threads:
             thread.start()
 
-    def _record(self, kind: str, detail: str = "", reply: bytes = b"") -> None:
+    def _record(self, started: float, kind: str, detail: str = "", reply: bytes = b"") -> None:
         with self._changed:
-            self.outcomes.append(Outcome(time.monotonic(), kind, detail, reply))
+            self.outcomes.append(Outcome(time.monotonic(), kind, detail, reply, started))
             self._changed.notify_all()
 
     def _run(self, index: int) -> None:
         n = 0
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
+        while not self._stop.is_set() and (started := time.monotonic()) < self._deadline:
             n += 1
             request = b"client %d request %d\n" % (index, n)
             try:
                 sock = socket.create_connection(self.address, timeout=5)
             except OSError as exc:
-                self._record("refused", repr(exc))
+                self._record(started, "refused", repr(exc))
                 if self._stop.wait(0.01):  # a stopped server refuses at once: do not spin
                     return
                 continue
@@ -288,9 +289,9 @@ class Load:
                     sock.sendall(request)
                     reply = read_line(sock)
                 ok = self.check(request, reply)
-                self._record("ok" if ok else "failed", repr(reply), reply)
+                self._record(started, "ok" if ok else "failed", repr(reply), reply)
             except OSError as exc:
-                self._record("failed", repr(exc))
+                self._record(started, "failed", repr(exc))
 
     def count(self, kind: str, after: float = 0.0, before: float = math.inf) -> int:
         with self._changed:

@@ -258,6 +258,9 @@ def leaked_children(before: set[int]) -> list[str]:
         if state == "gone":
             continue  # reaped by its owner meanwhile
         popen = popen_for(pid)
+        if popen is not None:  # /proc shows no command line while a child is still in exec
+            args = popen.args
+            cmdline = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
         what = "exited but never waited for" if state == "Z" else "still running"
         created = where(popen) if popen is not None else "    (not started by subprocess)"
         problems.append(f"child process {pid} ({cmdline}) {what}; created at:\n{created}")

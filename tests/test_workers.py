@@ -21,7 +21,7 @@ from helpers import Load, ServerProcess, address_of, ask, read_line
 StartServer = Callable[..., ServerProcess]
 
 APP = """
-import asyncio, os, socketserver, time
+import asyncio, os, socketserver, sys, time
 import sockserve
 
 VERSION = b"{version}"
@@ -35,6 +35,11 @@ class Versioned(sockserve.LineHandler):
 class SlowBlocking(socketserver.StreamRequestHandler):
     def handle(self):
         for line in self.rfile:
+            if line == b"hold\\n":  # busy until the test has seen the server stopping
+                sys.stderr.write("holding a request\\n")
+                deadline = time.monotonic() + 30
+                while not os.path.exists("go") and time.monotonic() < deadline:
+                    time.sleep(0.01)
             self.wfile.write(VERSION + b" " + line)
 """
 
@@ -222,9 +227,13 @@ def test_sigterm_stops_every_worker_and_exits_0(start_server: StartServer, app_d
     sock = socket.create_connection(address, timeout=5)
     sock.sendall(b"x\n")
     assert read_line(sock) == b"v1 x\n"
+    sock.sendall(b"hold\n")
+    server.read_until("holding a request")
     server.signal(signal.SIGTERM)
-    sock.sendall(b"y\n")  # an open connection is still served while draining
-    assert read_line(sock) == b"v1 y\n"
+    assert server.wait_count("stopping: finishing open connections", 2) == 2, server.text
+    (app_dir / "go").touch()
+    assert read_line(sock) == b"v1 hold\n"  # the request under way when it stopped
+    assert read_line(sock) == b""  # then the connection is ended
     sock.close()
     assert server.wait() == 0
     for pid in pids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ def modules_after(code: str) -> set[str]:
         text=True,
         check=True,
         timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")},  # no tracer
     ).stdout
     return set(json.loads(out.splitlines()[-1]))
 

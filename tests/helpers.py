@@ -243,9 +243,11 @@ class Load:
     """Threads doing connect / one request / reply / close until stopped (time-bounded).
 
     Every attempt is recorded with its time: ``refused`` means connect() itself failed,
-    ``failed`` means a connection was made but the reply did not arrive whole or was
-    wrong (``check(request, reply)`` said so). Tests wait for a number of answered
-    requests (``wait_ok``), never for a guessed time.
+    ``goodbye`` that the server ended the connection before answering (an end of stream
+    and nothing else: a stopping or reloading server ends idle connections that way, and
+    the request is sent again on a new one), ``failed`` that the reply did not arrive
+    whole or was wrong (``check(request, reply)`` said so). Tests wait for a number of
+    answered requests (``wait_ok``), never for a guessed time.
     """
 
     def __init__(
@@ -274,8 +276,11 @@ class Load:
 
     def _run(self, index: int) -> None:
         n = 0
+        retry = False
         while not self._stop.is_set() and (started := time.monotonic()) < self._deadline:
-            n += 1
+            if not retry:
+                n += 1
+            retry = False
             request = b"client %d request %d\n" % (index, n)
             try:
                 sock = socket.create_connection(self.address, timeout=5)
@@ -288,6 +293,10 @@ class Load:
                 with sock:
                     sock.sendall(request)
                     reply = read_line(sock)
+                if reply == b"":
+                    self._record(started, "goodbye")
+                    retry = True
+                    continue
                 ok = self.check(request, reply)
                 self._record(started, "ok" if ok else "failed", repr(reply), reply)
             except OSError as exc:

@@ -587,6 +587,7 @@ def test_sighup_reload_drops_nothing(start_server: StartServer) -> None:
         short_lived_ok_after_hup=load.count("ok", after=hup),
         failed=len(load.failures()),
         refused=load.count("refused"),
+        goodbyes=load.count("goodbye"),
         long_lived_reset=sum(1 for end in chatty.ended if end not in ("stopped", "eof")),
     )
     assert load.failures() == []

@@ -96,7 +96,7 @@ def test_bad_tls_files_fail_at_start_in_one_line(
 # Root reads anything: the CLI runs as nobody, with what it needs imported before the
 # switch (the interpreter's own files may be unreadable to nobody).
 AS_NOBODY = """
-import os, shutil, sys  # shutil: argparse imports it when it builds the parser
+import locale, os, shutil, sys  # argparse imports shutil (and 3.10's gettext, locale) late
 import sockserve.cli, sockserve.observability, sockserve.server, sockserve.supervisor
 import sockserve.tls, sockserve.examples.uppercase
 if os.geteuid() == 0:

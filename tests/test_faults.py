@@ -592,6 +592,9 @@ def test_sighup_reload_drops_nothing(start_server: StartServer) -> None:
     )
     assert load.failures() == []
     assert load.count("refused") == 0
+    # A client the old workers accepted as they began to stop sends its request within
+    # the second it is given: it is answered, not ended unanswered.
+    assert load.count("goodbye") == 0
     assert load.count("ok", after=hup + reloaded) > 50
     # Old workers end their long-lived connections goodbye-first, between requests: each
     # client sees a clean end of stream, never a reset or a lost reply, and reconnects to

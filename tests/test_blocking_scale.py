@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 from serving import LOOPS, closed_by_server, connect, read_line, serving
-from sockserve import blocking
+from sockserve import blocking, ready_queue
 from sockserve.handlers import LineHandler, StreamHandler
 from sockserve.proxy_protocol import encode_v1
 
@@ -156,7 +156,7 @@ def test_max_connections_reached_is_logged_and_counted(
 @pytest.fixture
 def through_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read waits through the ReadyQueue, however few the connections."""
-    monkeypatch.setattr(blocking, "DIRECT_WAIT_MAX", 0)
+    monkeypatch.setattr(ready_queue, "DIRECT_WAIT_MAX", 0)
 
 
 def test_a_handler_blocked_elsewhere_does_not_stall_the_others(

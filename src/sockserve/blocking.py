@@ -8,12 +8,13 @@ Each stream connection gets a real blocking socket and a thread of its own, up t
 A thousand threads each blocked in ``recv`` would all wake at once when their clients
 answer and fight over the interpreter lock, and that fight is unfair: some clients wait
 for seconds. So a handler's socket never waits in the kernel for input. When a read
-finds nothing, the thread parks on its own lock and a ``ReadyQueue`` wakes it once its
-socket is readable, in the order the sockets became readable, with at most
-``RUN_SLOTS`` handler threads running Python at once. A handler that blocks on anything
-else (a sleep, a database, a slow client's send) gives its slot up after ``HOLD``
-seconds, so it never stalls the others. TLS handshakes run in the event loop; the
-thread gets a connection ready to read.
+finds nothing, the thread parks on its own lock and a ``ReadyQueue`` (``ready_queue.py``)
+wakes it once its socket is readable, in the order the sockets became readable, with at
+most ``RUN_SLOTS`` handler threads running Python at once. A handler that blocks on
+anything else (a sleep, a database, a slow client's send) gives its slot up after
+``HOLD`` seconds, so it never stalls the others. The sockets handlers get are in
+``handler_sockets.py``. TLS handshakes run in the event loop; the thread gets a
+connection ready to read.
 
 Datagram handlers run on a bounded pool (``--threads``): at the bound, reading pauses.
 """
@@ -21,23 +22,24 @@ Datagram handlers run on a bounded pool (``--threads``): at the bound, reading p
 from __future__ import annotations
 
 import asyncio
-import builtins
-import collections
 import contextlib
 import logging
-import os
-import select
 import socket
 import ssl
-import struct
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from sockserve.handler_sockets import (
+    BlockingDatagramSocket,
+    HandlerSocket,
+    HandlerSSLSocket,
+    set_kernel_timeouts,
+)
 from sockserve.lifecycle import age_jitter
 from sockserve.observability import format_peer
+from sockserve.ready_queue import HAVE_EPOLL, HOLD, RUN_SLOTS, Idle, ReadyQueue
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
@@ -49,34 +51,12 @@ __all__ = ["HOLD", "RUN_SLOTS", "BlockingPool", "ReadyQueue", "is_blocking_handl
 
 # At shutdown, how long handler threads still running may take to return.
 CLOSE_TIMEOUT = 5.0
-# A blocking datagram handler's sendto waits for room in slices this long.
-SEND_WAIT = 1.0
 # A handler ended goodbye-first reads and drops its peer's last bytes this long at most.
 LINGER_TIMEOUT = 5.0
 
 logger = logging.getLogger("sockserve.blocking")
 
 _SOCKETSERVER_MODULES = frozenset({"socketserver", "sockserve.socketserver"})
-
-# Handler threads running Python at once. Two lets one thread's system call overlap
-# another's Python; more only adds contention for the interpreter lock (measured in
-# docs/benchmarks.md: 2 costs less CPU per round trip than 4 at 64 and 1000 clients).
-RUN_SLOTS = 2
-# A slot held this long without the thread coming back to read is given to the next
-# ready client: its holder is busy with something else (sleeping, a database call).
-HOLD = 0.002
-# With this many stream connections or fewer, threads wait for input in the kernel's
-# recv, as socketserver's do: so few wake together that the queue's hand-offs would cost
-# more than the contention they save (docs/benchmarks.md, the 64-client point).
-DIRECT_WAIT_MAX = 128
-
-_recv = socket.socket.recv
-_recv_into = socket.socket.recv_into
-_send = socket.socket.send
-_sendall = socket.socket.sendall
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_WAITALL = getattr(socket, "MSG_WAITALL", 0)
-_HAVE_EPOLL = hasattr(select, "epoll") and hasattr(os, "eventfd") and bool(_DONTWAIT)
 
 
 def is_blocking_handler(cls: type) -> bool:
@@ -85,489 +65,6 @@ def is_blocking_handler(cls: type) -> bool:
         base.__name__ == "BaseRequestHandler" and base.__module__ in _SOCKETSERVER_MODULES
         for base in cls.__mro__
     )
-
-
-def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
-    """Idle timeout kept by the kernel (SO_RCVTIMEO/SO_SNDTIMEO) for a blocking socket.
-
-    It bounds a send to a client that stopped reading, and any read a handler makes
-    around the ``ReadyQueue`` (``os.read`` on the descriptor): the expired call fails
-    with EAGAIN. ``settimeout`` would make Python poll() before every send instead.
-    """
-    whole = int(seconds)
-    timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-
-
-class IdleTimeout(TimeoutError):
-    """The client sent nothing for ``--idle-timeout`` seconds (raised from a read)."""
-
-
-# Waiter states.
-_RUNNING, _PARKED, _QUEUED, _LEADING, _LEADING_QUEUED = range(5)
-
-
-class _Waiter:
-    """A handler thread's place in the ReadyQueue."""
-
-    __slots__ = ("fd", "granted", "lock", "pending", "promote", "slot", "state")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.lock = threading.Lock()
-        self.lock.acquire()  # released (by another thread) to wake this one
-        self.state = _RUNNING
-        self.slot = False
-        self.granted = 0.0
-        self.promote = False  # woken to become the leader
-        self.pending = False  # readable before it parked
-
-
-class ReadyQueue:
-    """Wakes handler threads whose sockets are readable, in arrival order, a few at once.
-
-    One shared epoll holds every connection, armed one-shot while its thread waits.
-    Leader/follower: the first thread to park with nobody polling becomes the leader
-    and waits in ``epoll.poll``; the others wait on their own locks. The leader queues
-    the ready ones and hands out run slots; a thread giving its slot up hands it to the
-    head of the queue directly. So the event loop is not involved on the hot path, and
-    a client answered wakes one thread, not a crowd. The event loop only runs a monitor
-    while clients wait for a slot, taking slots back from holders that keep them past
-    ``HOLD``.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, slots: int = RUN_SLOTS) -> None:
-        self.loop = loop
-        self.slots = slots
-        self.running = 0
-        self.epoll = select.epoll()
-        self.kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.epoll.register(self.kick, select.EPOLLIN)
-        self.waiters: dict[int, _Waiter] = {}
-        self.fifo: collections.deque[_Waiter] = collections.deque()
-        self.parked: set[_Waiter] = set()
-        self.holders: set[_Waiter] = set()
-        self.leader: _Waiter | None = None
-        self.monitoring = False
-        self.lock = threading.Lock()
-
-    @property
-    def waiting(self) -> int:
-        """Clients with input ready, waiting for a run slot."""
-        return len(self.fifo)
-
-    def register(self, fd: int) -> _Waiter:
-        waiter = _Waiter(fd)
-        with self.lock:
-            self.waiters[fd] = waiter
-        self.epoll.register(fd, 0)
-        return waiter
-
-    def unregister(self, waiter: _Waiter) -> None:
-        """The handler returned: give up its slot, forget the socket (before closing it)."""
-        with self.lock:
-            self.waiters.pop(waiter.fd, None)
-            self._unslot(waiter)
-            wake = self._dispatch()
-        self._wake(wake)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(waiter.fd)
-
-    def close(self) -> None:
-        self.epoll.close()
-        os.close(self.kick)
-
-    def give_up(self, waiter: _Waiter) -> None:
-        """The thread is about to wait outside the queue: its slot goes to the next."""
-        with self.lock:
-            self._unslot(waiter)
-            wake = self._dispatch()
-        self._wake(wake)
-
-    def enter(self, waiter: _Waiter) -> None:
-        """Wait for a run slot (a new connection, before its handler starts)."""
-        with self.lock:
-            waiter.state = _QUEUED
-            self.fifo.append(waiter)
-            wake = self._dispatch()
-            mine = self._take(wake, waiter)
-        self._wake(wake)
-        if not mine:
-            self._wait(waiter, None)
-
-    def wait_readable(self, waiter: _Waiter, timeout: float | None) -> bool:
-        """Park until the socket is readable and a slot is ours; False after ``timeout``
-        seconds with nothing to read."""
-        self.epoll.modify(waiter.fd, select.EPOLLIN | select.EPOLLONESHOT)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.lock:
-            self._unslot(waiter)
-            if waiter.pending:  # the leader saw it readable before it parked
-                waiter.pending = False
-                waiter.state = _QUEUED
-                self.fifo.append(waiter)
-                wake = self._dispatch()
-                lead, ready = False, self._take(wake, waiter)
-            else:
-                wake = self._dispatch()
-                ready = False
-                lead = self.leader is None
-                if lead:
-                    self.leader = waiter
-                    waiter.state = _LEADING
-                else:
-                    waiter.state = _PARKED
-                    self.parked.add(waiter)
-        self._wake(wake)
-        if ready:
-            return True
-        if lead:
-            return self._lead(waiter, deadline)
-        return self._wait(waiter, deadline)
-
-    # -- internals (``self.lock`` held where noted) -------------------------------------
-
-    def _unslot(self, waiter: _Waiter) -> None:
-        """Under the lock: give the slot up, if it still has one."""
-        if waiter.slot:
-            waiter.slot = False
-            self.running -= 1
-            self.holders.discard(waiter)
-
-    def _dispatch(self) -> list[tuple[_Waiter, bool]]:
-        """Under the lock: grant free slots to the queue's head; returns whom to wake
-        (and whether by kicking the leader out of epoll)."""
-        fifo = self.fifo
-        wake: list[tuple[_Waiter, bool]] = []
-        if fifo and self.running < self.slots:
-            now = time.monotonic()
-            while fifo and self.running < self.slots:
-                waiter = fifo.popleft()
-                self.running += 1
-                waiter.slot = True
-                waiter.granted = now
-                self.holders.add(waiter)
-                wake.append((waiter, waiter.state == _LEADING_QUEUED))
-                waiter.state = _RUNNING
-        if fifo and not self.monitoring:
-            self.monitoring = True
-            with contextlib.suppress(RuntimeError):  # the loop is closed: stopping
-                self.loop.call_soon_threadsafe(self._monitor_soon)
-        return wake
-
-    @staticmethod
-    def _take(wake: list[tuple[_Waiter, bool]], waiter: _Waiter) -> bool:
-        """Under the lock: True (and off the wake list) if ``waiter`` was granted."""
-        for i, (granted, _kick) in enumerate(wake):
-            if granted is waiter:
-                del wake[i]
-                return True
-        return False
-
-    def _wake(self, wake: list[tuple[_Waiter, bool]]) -> None:
-        for waiter, kick in wake:
-            if kick:
-                os.eventfd_write(self.kick, 1)
-            else:
-                waiter.lock.release()
-
-    def _promote(self) -> _Waiter | None:
-        """Under the lock: the leader is leaving; a parked follower takes over polling."""
-        if self.leader is None and self.parked:
-            follower = self.parked.pop()
-            self.leader = follower
-            follower.state = _LEADING
-            follower.promote = True
-            return follower
-        return None
-
-    def _wait(self, waiter: _Waiter, deadline: float | None) -> bool:
-        if deadline is None:
-            waiter.lock.acquire()
-        elif not waiter.lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
-            with self.lock:
-                if waiter.state == _PARKED:  # nothing arrived in time
-                    self.parked.discard(waiter)
-                    waiter.state = _RUNNING
-                    return False
-            # Ready and queued for a slot, granted, or promoted: the wake-up is coming.
-            waiter.lock.acquire()
-        if waiter.promote:
-            waiter.promote = False
-            return self._lead(waiter, deadline)
-        return True
-
-    def _lead(self, me: _Waiter, deadline: float | None) -> bool:
-        epoll, waiters, kick = self.epoll, self.waiters, self.kick
-        while True:
-            timeout = -1.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
-            events = epoll.poll(timeout, 1024)
-            with self.lock:
-                for fd, _mask in events:
-                    if fd == kick:
-                        with contextlib.suppress(BlockingIOError):
-                            os.eventfd_read(kick)
-                        continue
-                    waiter = waiters.get(fd)
-                    if waiter is None:
-                        continue
-                    if waiter is me:
-                        me.state = _LEADING_QUEUED
-                        self.fifo.append(me)
-                    elif waiter.state == _PARKED:
-                        self.parked.discard(waiter)
-                        waiter.state = _QUEUED
-                        self.fifo.append(waiter)
-                    elif waiter.state == _RUNNING:
-                        waiter.pending = True
-                wake = self._dispatch()
-                self._take(wake, me)
-                mine = me.slot  # granted now, or by a thread that kicked us
-                if me.state == _LEADING_QUEUED:
-                    deadline = None  # our input is here: not idle, wait for the slot
-                timed_out = (
-                    not mine
-                    and me.state == _LEADING
-                    and deadline is not None
-                    and time.monotonic() >= deadline
-                )
-                follower = None
-                if mine or timed_out:
-                    me.state = _RUNNING
-                    self.leader = None
-                    follower = self._promote()
-            self._wake(wake)
-            if follower is not None:
-                follower.lock.release()
-            if mine or timed_out:
-                return mine
-
-    def _monitor_soon(self) -> None:
-        self.loop.call_later(HOLD, self._monitor)
-
-    def _monitor(self) -> None:
-        """In the event loop, while clients wait for a slot: take slots back from holders
-        that have had them for ``HOLD`` (they are blocked on something else)."""
-        now = time.monotonic()
-        with self.lock:
-            for waiter in list(self.holders):
-                if now - waiter.granted >= HOLD:
-                    self._unslot(waiter)
-            wake = self._dispatch()
-            again = bool(self.fifo)
-            self.monitoring = again
-        self._wake(wake)
-        if again:
-            self.loop.call_later(HOLD, self._monitor)
-
-
-class _Idle:
-    """What a handler socket needs to wait for input: the queue, its place, the timeout."""
-
-    __slots__ = ("expired", "idle_timeout", "on_wait", "queue", "waiter")
-
-    def __init__(self, queue: ReadyQueue | None, fd: int, idle_timeout: float | None) -> None:
-        self.queue = queue
-        self.waiter = queue.register(fd) if queue is not None else None
-        self.idle_timeout = idle_timeout
-        self.expired = False
-        # Called (in the handler's thread) each time it is about to wait for input.
-        self.on_wait: Callable[[], None] | None = None
-
-    def wait(self, fd: int, timeout: float | None) -> None:
-        """Return once ``fd`` is readable; TimeoutError after ``timeout`` (the handler's
-        own) or IdleTimeout after the idle timeout."""
-        if self.on_wait is not None:
-            self.on_wait()
-        limit = self.idle_timeout if timeout is None else timeout
-        if self.queue is not None and self.waiter is not None:
-            ready = self.queue.wait_readable(self.waiter, limit)
-        else:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            ready = bool(poller.poll(None if limit is None else limit * 1000))
-        if ready:
-            return
-        if timeout is not None:
-            raise TimeoutError("timed out")
-        self.expired = True
-        raise IdleTimeout(f"idle for {limit:.1f} s")
-
-    def direct(self) -> bool:
-        """Whether to wait for input in the kernel (few connections, or no epoll); the
-        run slot, if any, is given up first."""
-        if self.on_wait is not None:
-            self.on_wait()
-        queue, waiter = self.queue, self.waiter
-        if queue is None or waiter is None:
-            return True
-        if len(queue.waiters) > DIRECT_WAIT_MAX:
-            return False
-        if waiter.slot:
-            queue.give_up(waiter)
-        return True
-
-    def expire(self) -> None:
-        """A kernel wait ran out (SO_RCVTIMEO): the connection was idle."""
-        self.expired = True
-        raise IdleTimeout(f"idle for {self.idle_timeout or 0:.1f} s")
-
-    def release(self) -> None:
-        if self.queue is not None and self.waiter is not None:
-            self.queue.unregister(self.waiter)
-            self.waiter = None
-
-
-class HandlerSocket(socket.socket):
-    """The blocking socket a stream handler gets: reads wait through the ReadyQueue.
-
-    Otherwise an ordinary blocking socket (sends block; a timeout the handler sets is
-    Python's own), and it counts the bytes it moves for the access log and metrics.
-    """
-
-    __slots__ = ("_idle", "bytes_in", "bytes_out")
-
-    _idle: _Idle
-    bytes_in: int
-    bytes_out: int
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        if self.gettimeout() is not None or flags & _WAITALL:
-            data = _recv(self, bufsize, flags)
-        elif self._idle.direct():
-            try:
-                data = _recv(self, bufsize, flags)
-            except BlockingIOError:
-                self._idle.expire()
-                raise
-        else:
-            while True:
-                try:
-                    data = _recv(self, bufsize, flags | _DONTWAIT)
-                    break
-                except BlockingIOError:
-                    self._idle.wait(self.fileno(), None)
-        self.bytes_in += len(data)
-        return data
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        if self.gettimeout() is not None or flags & _WAITALL:
-            n = _recv_into(self, buffer, nbytes, flags)
-        elif self._idle.direct():
-            try:
-                n = _recv_into(self, buffer, nbytes, flags)
-            except BlockingIOError:
-                self._idle.expire()
-                raise
-        else:
-            while True:
-                try:
-                    n = _recv_into(self, buffer, nbytes, flags | _DONTWAIT)
-                    break
-                except BlockingIOError:
-                    self._idle.wait(self.fileno(), None)
-        self.bytes_in += n
-        return n
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        n = _send(self, data, flags)
-        self.bytes_out += n
-        return n
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        _sendall(self, data, flags)
-        self.bytes_out += memoryview(data).nbytes
-
-
-class HandlerSSLSocket(ssl.SSLSocket):
-    """The TLS socket a stream handler gets: blocking to the handler, never to the thread.
-
-    The descriptor stays non-blocking after the handshake (done in the event loop), so
-    OpenSSL never sits in a kernel ``recv``: a read that wants more input waits through
-    the ReadyQueue, under the handler's timeout or the idle timeout. (A blocking TLS
-    socket with a kernel receive timeout retries forever: CPython turns the expired
-    ``recv`` into WANT_READ and reads again.) ``settimeout`` and friends are recorded
-    and honoured here, as on a blocking socket.
-    """
-
-    _idle: _Idle
-    _user_timeout: float | None = None
-    bytes_in = 0
-    bytes_out = 0
-
-    def settimeout(self, value: float | None) -> None:
-        if value is not None and value < 0:
-            raise ValueError("Timeout value out of range")
-        self._user_timeout = value
-
-    def gettimeout(self) -> float | None:
-        return self._user_timeout
-
-    def setblocking(self, flag: bool) -> None:
-        self._user_timeout = None if flag else 0.0
-
-    def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        while True:
-            try:
-                data: Any = super().read(len, buffer)
-                break
-            except ssl.SSLWantReadError:
-                if self._user_timeout == 0.0:
-                    raise
-                self._idle.wait(self.fileno(), self._user_timeout)
-            except ssl.SSLWantWriteError:
-                if self._user_timeout == 0.0:
-                    raise
-                self._wait_writable()
-        self.bytes_in += data if buffer is not None else builtins.len(data)
-        return data
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        while True:
-            try:
-                n = super().send(data, flags)
-                break
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
-                if self._user_timeout == 0.0:
-                    raise
-                if isinstance(exc, ssl.SSLWantReadError):
-                    self._idle.wait(self.fileno(), self._user_timeout)
-                else:
-                    self._wait_writable()
-        self.bytes_out += n
-        return n
-
-    def _wait_writable(self) -> None:
-        limit = self._user_timeout if self._user_timeout is not None else self._idle.idle_timeout
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLOUT)
-        if not poller.poll(None if limit is None else limit * 1000):
-            if self._user_timeout is not None:
-                raise TimeoutError("timed out")
-            self._idle.expired = True
-            raise IdleTimeout(f"send blocked for {limit:.1f} s")
-
-
-class BlockingDatagramSocket:
-    """The listener socket as a blocking DatagramRequestHandler expects it.
-
-    The real socket is non-blocking (the event loop reads it); ``sendto`` waits for room
-    instead of raising BlockingIOError. Everything else is the socket's own.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def sendto(self, data: Any, *args: Any) -> int:
-        while True:
-            try:
-                return self._sock.sendto(data, *args)
-            except BlockingIOError:
-                select.select([], [self._sock], [], SEND_WAIT)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 class _HandlerThread(threading.Thread):
@@ -636,7 +133,7 @@ class BlockingPool:
     ) -> None:
         """Serve ``conn`` on a thread of its own; TLS first, in the event loop."""
         started = time.monotonic()
-        if self.queue is None and _HAVE_EPOLL:
+        if self.queue is None and HAVE_EPOLL:
             self.queue = ReadyQueue(self.ledger.loop)
         # Handlers get a full socket.socket (makefile and all).
         conn = socket.socket(accepted.family, accepted.type, accepted.proto, accepted.detach())
@@ -719,7 +216,7 @@ class BlockingPool:
             if self._idle_timeout:
                 set_kernel_timeouts(request, self._idle_timeout)
         try:
-            request._idle = _Idle(self.queue, request.fileno(), self._idle_timeout)
+            request._idle = Idle(self.queue, request.fileno(), self._idle_timeout)
         except OSError as exc:
             request.close()
             self._account(address, listener, started, None, f"error: {exc}")
@@ -758,7 +255,7 @@ class BlockingPool:
         started: float,
     ) -> None:
         ledger = self.ledger
-        idle: _Idle = request._idle
+        idle: Idle = request._idle
         reason = "eof"
         with self._lock:
             self._active[request] = started

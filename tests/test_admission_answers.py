@@ -8,22 +8,17 @@ import asyncio
 import selectors
 import socket
 
-from sockserve.admission import Admission, AdmissionBroker, RemoteAdmission
-from sockserve.supervisor import Supervisor, _Child
+from sockserve.admission import Admission, AdmissionBroker, BrokerLink, RemoteAdmission
 
 
 def test_the_supervisor_keeps_the_answers_a_busy_worker_has_no_room_for() -> None:
     """A worker that asked for more than its socket holds unread (278 answers on Linux)
     gets every answer once it reads again; the supervisor neither waits nor drops one."""
-    supervisor = Supervisor.__new__(Supervisor)  # only its admission side is used
-    supervisor.broker = AdmissionBroker(Admission(max_per_client=10_000))
-    link, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    broker = AdmissionBroker(Admission(max_per_client=10_000))
+    sock, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     worker_end.setblocking(False)
-    link.setblocking(False)
-    child = _Child(pid=1, slot=0, generation=0, beat_fd=-1, started=0.0, link=link)
-    with selectors.DefaultSelector() as selector, link, worker_end:
-        supervisor.selector = selector
-        selector.register(link, selectors.EVENT_READ, child)
+    with selectors.DefaultSelector() as selector, sock, worker_end:
+        link = BrokerLink(sock, 1, broker, selector)  # the supervisor's end
         asked = 0
         for _ in range(10):  # ask as much as the socket takes, until answers must wait
             try:
@@ -32,20 +27,20 @@ def test_the_supervisor_keeps_the_answers_a_busy_worker_has_no_room_for() -> Non
                     asked += 1
             except BlockingIOError:
                 pass
-            supervisor._admission_event(child)
-            if child.answers:
+            link.ready(selectors.EVENT_READ)
+            if link.answers:
                 break
-        assert child.answers  # waiting for room, not sent nor dropped
+        assert link.answers  # waiting for room, not sent nor dropped
         worker_end.settimeout(5)
         answers: list[bytes] = []
         while len(answers) < asked:
             answers.append(worker_end.recv(16))
             for key, events in selector.select(0):
                 if events & selectors.EVENT_WRITE:
-                    supervisor._send_answers(key.data)
+                    key.data.ready(selectors.EVENT_WRITE)
         assert answers == [b"="] * asked
-        assert not child.answers
-        assert selector.get_key(link).events == selectors.EVENT_READ
+        assert not link.answers
+        assert selector.get_key(sock).events == selectors.EVENT_READ
 
 
 class Broker:

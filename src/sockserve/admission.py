@@ -15,7 +15,9 @@ each worker asks it through a ``RemoteAdmission``, the only part here that does 
 from __future__ import annotations
 
 import asyncio
+import selectors
 import socket
+import time
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "MAX_RATE_CLIENTS",
     "Admission",
     "AdmissionBroker",
+    "BrokerLink",
     "Pacer",
     "RemoteAdmission",
     "client_key",
@@ -228,6 +231,79 @@ class AdmissionBroker:
         for host, count in self.held.pop(worker, {}).items():
             for _ in range(count):
                 self.admission.release((host, 0))
+
+
+class BrokerLink:
+    """The supervisor's end of one worker's link to the broker, in the supervisor's
+    selector: the worker's questions go to the broker and the answers back in order."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        worker: int,
+        broker: AdmissionBroker,
+        selector: selectors.BaseSelector,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.worker = worker
+        self.broker = broker
+        self.selector = selector
+        self.answers: deque[bytes] = deque()  # not yet sent
+        self.closed = False
+        selector.register(sock, selectors.EVENT_READ, self)
+
+    def ready(self, events: int) -> None:
+        """The selector found the link writable or readable (``events``)."""
+        if events & selectors.EVENT_WRITE:
+            self.send_answers()
+        if events & selectors.EVENT_READ:
+            self.receive()
+
+    def receive(self) -> None:
+        """A worker asks whether a client may connect, or says a connection closed."""
+        while True:
+            try:
+                message = self.sock.recv(256)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:  # the worker is gone
+                self.close()
+                self.broker.worker_gone(self.worker)
+                return
+            answer = self.broker.handle(self.worker, message, time.monotonic())
+            if answer is not None:
+                self.answers.append(answer)
+                self.send_answers()
+
+    def send_answers(self) -> None:
+        """Send the worker its answers in order; those its socket has no room for wait
+        until it reads (a busy worker is never blocked on, nor its answers dropped)."""
+        if self.closed:
+            return
+        answers = self.answers
+        while answers:
+            try:
+                self.sock.send(answers[0])
+            except BlockingIOError:
+                break
+            except OSError:  # gone: the EOF that follows drops the link
+                answers.clear()
+                break
+            answers.popleft()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if answers else 0)
+        if self.selector.get_key(self.sock).events != events:
+            self.selector.modify(self.sock, events, self)
+
+    def close(self) -> None:
+        """Leave the selector and close the link (again: nothing)."""
+        if not self.closed:
+            self.closed = True
+            self.selector.unregister(self.sock)
+            self.sock.close()
+            self.answers.clear()
 
 
 class RemoteAdmission:

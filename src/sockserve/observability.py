@@ -15,19 +15,14 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-# supervisor.py imports these from here; their home is sockserve.metrics.
-from sockserve.metrics import Metrics, log_metrics_url
-
 __all__ = [
     "HandlerErrorLog",
     "JSONFormatter",
-    "Metrics",
     "TextFormatter",
     "configure_logging",
     "escape",
     "format_peer",
     "log_access",
-    "log_metrics_url",
 ]
 
 access_logger = logging.getLogger("sockserve.access")

@@ -21,14 +21,13 @@ import signal
 import socket
 import ssl
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
 
 from sockserve import binding, notify
-from sockserve.admission import Admission, AdmissionBroker
+from sockserve.admission import Admission, AdmissionBroker, BrokerLink
 from sockserve.binding import Listener, addresses_of, bind_all
-from sockserve.observability import Metrics, log_metrics_url
+from sockserve.metrics import Metrics, log_metrics_url
 from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
 from sockserve.runner import (
     IMMEDIATE_STOP,
@@ -70,8 +69,7 @@ class _Child:
     last_beat: float = 0.0
     kill_at: float = math.inf  # SIGKILL if still running then (after a stop request)
     failure: str = ""  # why it could not start, in its own words
-    link: socket.socket | None = None  # the worker asks the per-client table over this
-    answers: deque[bytes] = dataclasses.field(default_factory=deque)  # not yet sent on link
+    link: BrokerLink | None = None  # the worker asks the per-client table over this
 
 
 @dataclass
@@ -231,11 +229,8 @@ class Supervisor:
                             with contextlib.suppress(OSError):
                                 while wake_r.recv(4096):
                                     pass
-                        elif key.fileobj is key.data.link:
-                            if events & selectors.EVENT_WRITE:
-                                self._send_answers(key.data)
-                            if events & selectors.EVENT_READ:
-                                self._admission_event(key.data)
+                        elif isinstance(key.data, BrokerLink):
+                            key.data.ready(events)
                         else:
                             self._read_beats(key.data)
                     self._handle_signals()
@@ -370,11 +365,9 @@ class Supervisor:
         child = _Child(pid, slot, generation, beat_r, time.monotonic())
         self.children[pid] = child
         self.selector.register(beat_r, selectors.EVENT_READ, child)
-        if link is not None and child_link is not None:
+        if link is not None and child_link is not None and self.broker is not None:
             child_link.close()
-            link.setblocking(False)
-            child.link = link
-            self.selector.register(link, selectors.EVENT_READ, child)
+            child.link = BrokerLink(link, pid, self.broker, self.selector)
         logger.info("started worker %d", pid)
 
     def _become_worker(
@@ -405,8 +398,8 @@ class Supervisor:
         for child in self.children.values():
             if child.beat_fd >= 0:
                 os.close(child.beat_fd)
-            if child.link is not None:
-                child.link.close()
+            if child.link is not None:  # not unregistered: the epoll is the supervisor's
+                child.link.sock.close()
         self.selector.close()
         worker.run()
 
@@ -443,51 +436,11 @@ class Supervisor:
         if self.reload_generation is not None:
             self._check_reload()
 
-    def _admission_event(self, worker: _Child) -> None:
-        """A worker asks whether a client may connect, or says a connection closed."""
-        link, broker = worker.link, self.broker
-        assert link is not None and broker is not None
-        while True:
-            try:
-                message = link.recv(256)
-            except BlockingIOError:
-                return
-            except OSError:
-                message = b""
-            if not message:  # the worker is gone
-                self._drop_link(worker)
-                return
-            answer = broker.handle(worker.pid, message, time.monotonic())
-            if answer is not None:
-                worker.answers.append(answer)
-                self._send_answers(worker)
-
-    def _send_answers(self, worker: _Child) -> None:
-        """Send the worker its answers in order; those its socket has no room for wait
-        until it reads (a busy worker is never blocked on, nor its answers dropped)."""
-        link, answers = worker.link, worker.answers
-        if link is None:
-            return
-        while answers:
-            try:
-                link.send(answers[0])
-            except BlockingIOError:
-                break
-            except OSError:  # gone: the EOF that follows drops the link
-                answers.clear()
-                break
-            answers.popleft()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if answers else 0)
-        if self.selector.get_key(link).events != events:
-            self.selector.modify(link, events, worker)
-
     def _drop_link(self, worker: _Child) -> None:
         """The worker exited: its connections are gone, and so is its share of the table."""
         if worker.link is not None:
-            self.selector.unregister(worker.link)
             worker.link.close()
             worker.link = None
-            worker.answers.clear()
         if self.broker is not None:
             self.broker.worker_gone(worker.pid)
 

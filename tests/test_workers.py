@@ -83,7 +83,8 @@ def test_killed_worker_is_replaced_while_clients_are_served(
         os.kill(victim, signal.SIGKILL)
         server.read_until(rf"worker {victim} died \(signal SIGKILL\)", timeout=5)
         server.read_until(r"started worker", timeout=5)
-        assert server.wait_count("sockserve.server: listening on", 3) == 3  # the replacement
+        replaced = server.wait_count("sockserve.server: listening on", 3, timeout=20)
+        assert replaced == 3, server.text  # the replacement serves
         load.wait_more(20)  # served after the kill
     finally:
         load.stop()
@@ -165,7 +166,8 @@ def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(
         with contextlib.suppress(ConnectionResetError):
             assert stuck.recv(100) == b""
     server.wait_until(lambda: len(worker_pids(server)) == 2 and blocked not in worker_pids(server))
-    assert server.wait_count("sockserve.server: listening on", 3) == 3  # the replacement too
+    replaced = server.wait_count("sockserve.server: listening on", 3, timeout=20)
+    assert replaced == 3, server.text  # the replacement too
     assert ask(address).endswith(b" hi\n")
     server.signal(signal.SIGTERM)
     assert server.wait() == 0

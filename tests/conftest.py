@@ -5,6 +5,7 @@ The helpers themselves are in helpers.py.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -28,6 +29,13 @@ from leakcheck import (
     pytest_runtest_teardown,
     pytest_unconfigure,
 )
+
+# A terminal session starts with SIGINT at its default, but a test run started as a
+# background job has it ignored, and every child would inherit that: Python keeps an
+# inherited SIG_IGN, so the client under test would not stop on Ctrl-C. A handler set here
+# is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The leak check's hooks run for every test of the suite; the other names are old ones,
 # for test files not yet moved to helpers.py.

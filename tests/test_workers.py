@@ -76,6 +76,8 @@ def test_killed_worker_is_replaced_while_clients_are_served(
     )
     address = address_of(server.urls[0])
     server.wait_until(lambda: len(worker_pids(server)) == 2)
+    # Both workers serve before one is killed: the count below expects a third to.
+    assert server.wait_count("sockserve.server: listening on", 2, timeout=20) == 2, server.text
     victim = worker_pids(server)[0]
     load = Load(address, threads=4, check=versioned)
     try:

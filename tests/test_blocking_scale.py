@@ -48,11 +48,15 @@ class StreamUpper(StreamHandler):
 
 
 class SleepOrEcho(socketserver.StreamRequestHandler):
-    """``sleep`` blocks the thread in time.sleep for a second; anything else is echoed."""
+    """``sleep`` blocks the thread in time.sleep for a second; anything else is echoed.
+    Each sleeper releases ``asleep`` as it starts."""
+
+    asleep = threading.Semaphore(0)
 
     def handle(self) -> None:
         for line in self.rfile:
             if line == b"sleep\n":
+                self.asleep.release()
                 time.sleep(1.0)
             self.wfile.write(line.upper())
 
@@ -169,7 +173,8 @@ def test_a_handler_blocked_elsewhere_does_not_stall_the_others(
         try:
             for sock in sleepers:
                 sock.sendall(b"sleep\n")
-            time.sleep(0.1)  # the sleepers are asleep with their slots
+            for _ in sleepers:
+                assert SleepOrEcho.asleep.acquire(timeout=10), "a sleeper never started"
             started = time.monotonic()
             echo.sendall(b"hello\n")
             assert read_line(echo) == b"HELLO\n"

@@ -135,6 +135,7 @@ import os, sys, time
 os.setgroups([]); os.setgid(int(sys.argv[5])); os.setuid(int(sys.argv[4]))  # the service user
 path, target, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 link = path + ".link"
+print("watching", flush=True)
 deadline = time.monotonic() + seconds
 swaps = 0
 while time.monotonic() < deadline:
@@ -178,7 +179,8 @@ def test_unix_socket_owner_and_mode_never_follow_a_swapped_in_link(
             text=True,
         )
         try:
-            time.sleep(0.2)  # the attacker is watching
+            assert attacker.stdout is not None
+            assert attacker.stdout.readline() == "watching\n"
             server = start_server(
                 [
                     *("demo", "--bind", f"unix:{path}", "--user", "nobody"),

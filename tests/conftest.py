@@ -13,12 +13,8 @@ import pytest
 import trustme
 
 from helpers import (
-    LISTENING,
     LOOPS,
-    REQUIRE_ALL,
     ServerProcess,
-    address_of,
-    require_program,
     sockserve_argv,
 )
 from leakcheck import (
@@ -37,23 +33,15 @@ from leakcheck import (
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-# The leak check's hooks run for every test of the suite; the other names are old ones,
-# for test files not yet moved to helpers.py.
+# The leak check's hooks, imported to run for every test of the suite.
 __all__ = [
-    "LISTENING",
-    "REQUIRE_ALL",
-    "ServerProcess",
-    "host_port",
     "pytest_collection_finish",
     "pytest_configure",
     "pytest_runtest_makereport",
     "pytest_runtest_setup",
     "pytest_runtest_teardown",
     "pytest_unconfigure",
-    "require_program",
 ]
-
-host_port = address_of
 
 StartServer = Callable[..., ServerProcess]
 Spawn = Callable[..., ServerProcess]

@@ -676,6 +676,24 @@ class ServerProcess:
                 stream.close()
 
 
+def worker_pids(server: ServerProcess) -> list[int]:
+    started = [int(m) for m in re.findall(r"started worker (\d+)", server.text)]
+    stopped = {int(m) for m in re.findall(r"worker (\d+) (?:stopped|died)", server.text)}
+    return [pid for pid in started if pid not in stopped]
+
+
+def versioned(request: bytes, reply: bytes) -> bool:
+    """The app's reply: ``VERSION PID REQUEST``."""
+    return reply.endswith(b" " + request)
+
+
+def wait_exit(server: ServerProcess, timeout: float = 15) -> int:
+    try:
+        return server.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout} s:\n{server.text}") from None
+
+
 def wait_for(condition: Callable[[], bool], server: ServerProcess, timeout: float = 10) -> None:
     """``server.wait_until(condition, timeout)``."""
     server.wait_until(condition, timeout)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import sockserve
-from serving import LOOPS, ThreadedServer, closed_by_server, read_line, serving
+from helpers import ThreadedServer, closed_by_server, read_line, serving
 from sockserve import admission
 
 
@@ -25,13 +25,6 @@ class BlockingUpper(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         for line in self.rfile:
             self.wfile.write(line.upper())
-
-
-@pytest.fixture(params=LOOPS)
-def loop(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    return str(request.param)
 
 
 @pytest.fixture

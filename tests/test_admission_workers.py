@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port
-from serving import closed_by_server, read_line
+from helpers import ServerProcess, address_of, closed_by_server, read_line
 
 TESTS = str(Path(__file__).parent)
 
@@ -57,7 +56,7 @@ def start_workers(start_server: object, limit: int) -> tuple[ServerProcess, tupl
     )
     for _ in range(2):
         server.read_until("listening on")  # each worker's own socket
-    return server, host_port(server.urls[0])
+    return server, address_of(server.urls[0])
 
 
 def spread_client(

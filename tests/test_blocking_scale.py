@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trustme
 
-from serving import LOOPS, closed_by_server, connect, read_line, serving
+from helpers import closed_by_server, connect, read_line, serving
 from sockserve import blocking, ready_queue
 from sockserve.handlers import LineHandler, StreamHandler
 from sockserve.proxy_protocol import encode_v1
@@ -59,14 +59,6 @@ class SleepOrEcho(socketserver.StreamRequestHandler):
                 self.asleep.release()
                 time.sleep(1.0)
             self.wfile.write(line.upper())
-
-
-@pytest.fixture(params=LOOPS)
-def loop(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    name: str = request.param
-    return name
 
 
 @pytest.fixture

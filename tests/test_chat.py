@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from conftest import ServerProcess, host_port
+from helpers import ServerProcess, address_of
 from sockserve.testing import serve
 
 LINES = 2000
@@ -74,7 +74,7 @@ def test_chat_relays_in_order_and_cuts_a_client_that_does_not_read(
 ) -> None:
     args = ["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
     server = start_server(["run", "sockserve.examples.chat:Chat", *args])
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     metrics = server.read_until(r"metrics listening on (http://\S+)").group(1)
     pid = server.proc.pid
     sockets: list[socket.socket] = []

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import ServerProcess, host_port
+from helpers import ServerProcess, address_of
 
 Start = Callable[..., ServerProcess]
 
@@ -58,7 +58,7 @@ def test_client_certificate_reaches_an_mtls_server(
     server = start_server(
         ["demo", "-b", "127.0.0.1:0", "--tls-cert", pki["server"], "--tls-client-ca", pki["ca"]]
     )
-    port = host_port(server.urls[0])[1]
+    port = address_of(server.urls[0])[1]
     address = f"localhost:{port}"
     tls = ["--tls", "--tls-ca", pki["ca"]]
     good = client(
@@ -76,7 +76,7 @@ def test_client_certificate_reaches_an_mtls_server(
 
 def test_tls_against_a_plaintext_server_says_so(start_server: Start) -> None:
     server = start_server(["demo", "-b", "127.0.0.1:0"])
-    host, port = host_port(server.urls[0])
+    host, port = address_of(server.urls[0])
     result = client(f"{host}:{port}", b"hello\n", "--tls", "--tls-insecure", "--timeout", "1")
     assert result.returncode == 1
     err = result.stderr.decode()
@@ -111,7 +111,7 @@ def test_bad_client_certificate_files_are_named(pki: dict[str, str]) -> None:
 
 def test_interactive_client_notices_a_close_while_waiting_for_input(start_server: Start) -> None:
     server = start_server(["demo", "-b", "127.0.0.1:0", "--idle-timeout", "1"])
-    host, port = host_port(server.urls[0])
+    host, port = address_of(server.urls[0])
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockserve", "client", f"{host}:{port}"],

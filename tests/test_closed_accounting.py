@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from goodbye_handlers import Line, Stream
-from serving import LOOPS, read_line, serving
+from helpers import LOOPS, read_line, serving
 
 
 def open_fds() -> int:

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import ServerProcess, host_port
 from goodbye_handlers import GOODBYE, Blocking, Line, Stream, SyncLine
-from serving import ThreadedServer, read_all, read_line, serving
+from helpers import ServerProcess, ThreadedServer, address_of, read_all, read_line, serving
 
 HANDLERS = [Line, SyncLine, Stream, Blocking]
 TESTS = str(Path(__file__).parent)
@@ -165,7 +164,7 @@ def test_clients_connecting_across_reloads_are_all_answered(
         cwd=TESTS,
     )
     server.read_until("sockserve.server: listening on", timeout=20)
-    clients = Clients(host_port(server.urls[0]), tls_files["client"], 4)
+    clients = Clients(address_of(server.urls[0]), tls_files["client"], 4)
     try:
         for _ in range(3):
             server.signal(signal.SIGHUP)
@@ -188,7 +187,7 @@ def test_clients_connecting_across_a_stop_are_all_answered(
         ],
         cwd=TESTS,
     )
-    clients = Clients(host_port(server.urls[0]), tls_files["client"], 4)
+    clients = Clients(address_of(server.urls[0]), tls_files["client"], 4)
     try:
         clients.wait_for_more(20)
         server.signal(signal.SIGTERM)

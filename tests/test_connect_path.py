@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from serving import LOOPS, serving
+from helpers import LOOPS, serving
 from sockserve import LineHandler
 
 

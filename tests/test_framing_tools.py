@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import serving
+from helpers import serving
 from sockserve import LengthPrefixed, MessageHandler, Netstring
 from sockserve.cli import build_parser, settings_from
 from sockserve.examples.json_rpc import FRAMING, JsonRpc, JsonRpcClient

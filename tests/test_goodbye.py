@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port
 from goodbye_handlers import GOODBYE, Blocking, Line, Message, Stream, SyncLine
-from serving import LOOPS, read_line, serving
+from helpers import LOOPS, ServerProcess, address_of, read_line, serving
 
 HANDLERS = [Line, SyncLine, Stream, Blocking]
 TESTS = str(Path(__file__).parent)
@@ -81,7 +80,7 @@ def test_sigterm_says_goodbye_to_idle_clients_at_once_and_lets_the_busy_one_fini
         ],
         cwd=TESTS,
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     open_idle(address, 300, clients)
     busy = socket.create_connection(address, timeout=10)
     clients.append(busy)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port, require_program
 from goodbye_handlers import GOODBYE
-from serving import read_line
+from helpers import ServerProcess, address_of, read_line, require_program
 
 pytestmark = pytest.mark.external
 
@@ -181,7 +180,7 @@ def test_rolling_restart_behind_haproxy_loses_no_request(
         )
 
     servers = {"a": instance("127.0.0.1:0"), "b": instance("127.0.0.1:0")}
-    ports = {name: host_port(server.urls[0])[1] for name, server in servers.items()}
+    ports = {name: address_of(server.urls[0])[1] for name, server in servers.items()}
     proxy = Balancer(tmp_path, ports)
     balancer.append(proxy)
     load = Load(proxy.address)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import sockserve
-from serving import LOOPS, ThreadedServer, serving
+from helpers import LOOPS, ThreadedServer, serving
 from sockserve.lifecycle import read_ahead
 from sockserve.settings import Settings
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 import trustme
 
-from serving import LOOPS, closed_by_server, read_line, serving
+from helpers import closed_by_server, read_line, serving
 from sockserve import (
     FixedSize,
     Framing,
@@ -45,14 +45,6 @@ FRAMINGS: list[Framing] = [
 ]
 IDS = [repr(f) for f in FRAMINGS]
 PAYLOADS = [b"hello", b"a\tb c", b"12345", b"", b"x" * 5]
-
-
-@pytest.fixture(params=LOOPS)
-def loop(request: pytest.FixtureRequest) -> str:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    name: str = request.param
-    return name
 
 
 def handler_for(chosen: Framing, kind: str) -> type:

@@ -22,10 +22,7 @@ import pytest
 import trustme
 
 import sockserve
-from conftest import ServerProcess, host_port
-from helpers import wait_for
-from serving import read_line
-from test_workers import worker_pids
+from helpers import ServerProcess, address_of, ask, read_line, wait_exit, wait_for, worker_pids
 
 StartServer = Callable[..., ServerProcess]
 
@@ -80,19 +77,6 @@ def service_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def ask(address: tuple[str, int], line: bytes = b"hi\n") -> bytes:
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(line)
-        return read_line(sock)
-
-
-def wait_exit(server: ServerProcess, timeout: float = 15) -> int:
-    try:
-        return server.wait(timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running after {timeout} s:\n{server.text}") from None
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_after_dropping_privileges_exits(
     start_server: StartServer, root_only_env: dict[str, str], workers: str
@@ -103,7 +87,7 @@ def test_sigterm_after_dropping_privileges_exits(
         ["demo", "--bind", "127.0.0.1:0", "--user", "nobody", "--workers", workers],
         env=root_only_env,
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     wait_for(lambda: "sockserve.server: listening on" in server.text, server)
     assert ask(address) == b"HI\n"
     server.signal(signal.SIGTERM)
@@ -226,7 +210,7 @@ def test_workers_with_metrics_and_a_user_keep_their_timeouts_and_metrics(
     )
     url = server.read_until(r"metrics listening on (http://\S+)").group(1)
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     assert ask(address) == b"HI\n"
     with socket.create_connection(address, timeout=10) as idle:
         started = time.monotonic()
@@ -267,7 +251,7 @@ def test_metrics_failures_never_stop_the_sweep_or_the_stop(
         env=env,
     )
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     assert ask(address) == b"HI\n"
     server.read_until("metrics update failed", timeout=10)
     with socket.create_connection(address, timeout=10) as idle:
@@ -311,7 +295,7 @@ def test_reuse_port_workers_with_a_user_start_grow_and_reload(
     server.signal(signal.SIGHUP)
     server.read_until("reload done", timeout=20)
     assert "died" not in server.text and "Errno" not in server.text, server.text
-    assert ask(host_port(server.urls[0])) == b"HI\n"
+    assert ask(address_of(server.urls[0])) == b"HI\n"
     server.signal(signal.SIGTERM)
     assert wait_exit(server) == 0
 
@@ -342,7 +326,7 @@ def test_the_handler_is_imported_only_as_the_service_user(
         cwd=str(service_dir),
     )
     wait_for(lambda: "sockserve.server: listening on" in server.text, server)
-    assert ask(host_port(server.urls[0])) == b"hi\n"
+    assert ask(address_of(server.urls[0])) == b"hi\n"
     server.signal(signal.SIGTERM)
     assert wait_exit(server) == 0
     euids = log.read_text().split()
@@ -383,7 +367,7 @@ def test_a_root_only_key_serves_tls_after_the_drop_and_reloads(
         ]
     )
     wait_for(lambda: "sockserve.server: listening on" in server.text, server)
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     assert ask_tls(address, client) == b"SECRET\n"
     if workers == "2":
         server.signal(signal.SIGHUP)
@@ -444,7 +428,7 @@ def test_tls_reload_and_stop_after_the_drop_import_nothing_late(
         env=root_only_env,
     )
     wait_for(lambda: "sockserve.server: listening on" in server.text, server)
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     assert ask_tls(address, client) == b"SECRET\n"
     with socket.create_connection(address, timeout=5) as plain:  # not TLS: refused
         plain.sendall(b"hello\n")

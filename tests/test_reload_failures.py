@@ -16,10 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port
-from helpers import Load, wait_for
-from serving import read_line
-from test_workers import versioned, worker_pids
+from helpers import (
+    Load,
+    ServerProcess,
+    address_of,
+    ask,
+    read_line,
+    versioned,
+    wait_for,
+    worker_pids,
+)
 
 StartServer = Callable[..., ServerProcess]
 
@@ -50,12 +56,6 @@ def write_app(directory: Path, version: str, extra: str = "", import_delay: floa
     os.utime(path, (stamp, stamp))
     for cached in (directory / "__pycache__").glob("app.*.pyc"):
         cached.unlink()
-
-
-def ask(address: tuple[str, int], line: bytes = b"hi\n", timeout: float = 5) -> bytes:
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(line)
-        return read_line(sock)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_a_reload_whose_code_fails_to_import_ends_at_once(
     server = start_server(
         ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
     write_app(app_dir, "v2", extra)
     server.signal(signal.SIGHUP)
@@ -116,7 +116,7 @@ def test_reload_flag_loads_a_typo_fixed_seconds_later(
     start_server: StartServer, app_dir: Path
 ) -> None:
     server = start_server(["run", "app:App", "--reload", "--bind", "127.0.0.1:0"], cwd=str(app_dir))
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 1, server)
     write_app(app_dir, "v2", BROKEN)
     server.read_until(r"source change: starting", timeout=10)
@@ -217,7 +217,7 @@ def test_restart_back_off_is_per_slot_and_never_leaves_the_service_down(
     server = start_server(
         ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
     for _ in range(6):
         with socket.create_connection(address, timeout=15) as sock:
@@ -242,7 +242,7 @@ def test_sigterm_while_workers_import_serves_the_clients_in_the_backlog(
     server = start_server(
         ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     server.read_until("started worker")
     clients = [socket.create_connection(address, timeout=10) for _ in range(3)]
     try:
@@ -270,7 +270,7 @@ def test_a_new_worker_stopped_at_once_resets_no_client(
         ["run", "app:App", "--workers", "1", "--reload", "--bind", "127.0.0.1:0"],
         cwd=str(app_dir),
     )
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 1, server)
     load = Load(address, check=versioned)
     try:
@@ -297,7 +297,7 @@ def test_sigttou_at_one_worker_and_sigusr1_are_logged_and_ignored(
     server.read_until("SIGTTOU: ignored, already at 1 worker")
     server.signal(signal.SIGUSR1)
     server.read_until("SIGUSR1: ignored")
-    assert ask(host_port(server.urls[0])).startswith(b"v1 ")
+    assert ask(address_of(server.urls[0])).startswith(b"v1 ")
     assert len(worker_pids(server)) == 1
     server.signal(signal.SIGTERM)
     assert server.wait() == 0

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import ServerProcess
+from helpers import ServerProcess
 
 StartServer = Callable[..., ServerProcess]
 MODES = {"single": [], "workers": ["--workers", "2"]}

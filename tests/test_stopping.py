@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
 import textwrap
 import time
 from collections.abc import Callable
@@ -13,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, host_port
-from helpers import open_fds, wait_for
-from serving import read_line
+from helpers import ServerProcess, address_of, ask, open_fds, read_line, wait_exit, wait_for
 
 StartServer = Callable[..., ServerProcess]
 
@@ -56,25 +53,12 @@ def write_app(directory: Path, patch: str = "") -> None:
     (directory / "app.py").write_text(textwrap.dedent(APP.format(patch=patch)))
 
 
-def ask(address: tuple[str, int], line: bytes = b"hi\n") -> bytes:
-    with socket.create_connection(address, timeout=5) as sock:
-        sock.sendall(line)
-        return read_line(sock)
-
-
-def wait_exit(server: ServerProcess, timeout: float = 15) -> int:
-    try:
-        return server.wait(timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"still running after {timeout} s:\n{server.text}") from None
-
-
 def test_an_exception_while_stopping_is_logged_and_exits_1(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     write_app(tmp_path, BROKEN_STOP)
     server = start_server(["run", "app:Echo", "--bind", "127.0.0.1:0"], cwd=str(tmp_path))
-    assert ask(host_port(server.urls[0])) == b"hi\n"
+    assert ask(address_of(server.urls[0])) == b"hi\n"
     server.signal(signal.SIGTERM)
     assert wait_exit(server) == 1
     assert "stopping failed: RuntimeError: broken stop path" in server.text
@@ -102,7 +86,7 @@ def test_a_stuck_blocking_handler_does_not_keep_the_process_alive(
         ["run", "app:Stuck", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"],
         cwd=str(tmp_path),
     )
-    with socket.create_connection(host_port(server.urls[0]), timeout=5) as sock:
+    with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
         sock.sendall(b"x\n")
         assert read_line(sock) == b"stuck\n"
         server.signal(signal.SIGTERM)
@@ -134,7 +118,7 @@ def test_sighup_without_tls_and_sigusr1_are_logged_and_harmless(
     server.read_until(r"SIGHUP: nothing to reload \(no TLS certificate")
     server.signal(signal.SIGUSR1)
     server.read_until("SIGUSR1: ignored")
-    assert ask(host_port(server.urls[0])) == b"hi\n"
+    assert ask(address_of(server.urls[0])) == b"hi\n"
     server.signal(signal.SIGTERM)
     assert wait_exit(server) == 0
 
@@ -161,7 +145,7 @@ def test_idle_metrics_connections_are_capped_and_timed_out(
     before = sum(open_fds(pid) for pid in pids)
     idle = [socket.create_connection(metrics_address, timeout=10) for _ in range(60)]
     try:
-        assert ask(host_port(server.urls[0])) == b"hi\n"
+        assert ask(address_of(server.urls[0])) == b"hi\n"
         time.sleep(0.5)  # let the server accept whatever it is going to
         held = sum(open_fds(pid) for pid in pids) - before
         print(f"FIGURES metrics cap: 60 idle scrapers hold {held} descriptors")
@@ -190,7 +174,7 @@ def test_a_second_sigint_stops_workers_at_once(start_server: StartServer, tmp_pa
         ["run", "app:Echo", "--bind", "127.0.0.1:0", "--workers", "2"], cwd=str(tmp_path)
     )
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
-    with socket.create_connection(host_port(server.urls[0]), timeout=5) as held:
+    with socket.create_connection(address_of(server.urls[0]), timeout=5) as held:
         held.sendall(b"hi\n")
         assert read_line(held) == b"hi\n"
         server.signal(signal.SIGINT)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import ServerProcess, host_port
+from helpers import ServerProcess, address_of
 from sockserve.handlers import LineHandler
 from sockserve.lifecycle import ConnectionLedger
 from sockserve.settings import Settings
@@ -92,7 +92,7 @@ def test_line_timeout_without_idle_timeout_cuts_a_dripping_line(
     server = start_server(
         ["demo", "--bind", "127.0.0.1:0", "--idle-timeout", "0", "--line-timeout", "1"]
     )
-    with socket.create_connection(host_port(server.urls[0]), timeout=10) as sock:
+    with socket.create_connection(address_of(server.urls[0]), timeout=10) as sock:
         sock.sendall(b"hi\n")
         assert sock.recv(10) == b"HI\n"
         sock.settimeout(0.1)
@@ -116,6 +116,6 @@ def test_sweep_runs_when_either_timeout_is_on(start_server: StartServer, idle: s
     server = start_server(
         ["demo", "--bind", "127.0.0.1:0", "--idle-timeout", idle, "--line-timeout", "0.5"]
     )
-    with socket.create_connection(host_port(server.urls[0]), timeout=10) as sock:
+    with socket.create_connection(address_of(server.urls[0]), timeout=10) as sock:
         sock.sendall(b"unfinished")
         assert sock.recv(10) == b""  # blocks until the server closes it (bounded by 10 s)

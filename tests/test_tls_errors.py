@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from conftest import ServerProcess
+from helpers import ServerProcess
 
 Start = Callable[..., ServerProcess]
 CERT = "tls_cert (--tls-cert, SOCKSERVE_TLS_CERT)"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import ServerProcess, host_port
+from helpers import ServerProcess, address_of
 
 Start = Callable[..., ServerProcess]
 
@@ -41,7 +41,7 @@ def spoofed_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> N
 @pytest.mark.skipif(os.geteuid() != 0, reason="a raw socket needs root")
 def test_datagram_from_the_servers_own_address_is_dropped(start_server: Start) -> None:
     server = start_server(["demo", "-b", "udp://127.0.0.1:0"])
-    address = host_port(server.urls[0])
+    address = address_of(server.urls[0])
     spoofed_udp(address, address, b"loop forever\n")
     server.read_until(
         rf"dropped a datagram from 127\.0\.0\.1:{address[1]} on udp://127\.0\.0\.1:{address[1]}:"

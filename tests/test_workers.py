@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Load, ServerProcess, address_of, ask, read_line
+from helpers import Load, ServerProcess, address_of, ask, read_line, versioned, worker_pids
 
 StartServer = Callable[..., ServerProcess]
 
@@ -55,17 +54,6 @@ def write_app(directory: Path, version: str) -> None:
 def app_dir(tmp_path: Path) -> Path:
     write_app(tmp_path, "v1")
     return tmp_path
-
-
-def worker_pids(server: ServerProcess) -> list[int]:
-    started = [int(m) for m in re.findall(r"started worker (\d+)", server.text)]
-    stopped = {int(m) for m in re.findall(r"worker (\d+) (?:stopped|died)", server.text)}
-    return [pid for pid in started if pid not in stopped]
-
-
-def versioned(request: bytes, reply: bytes) -> bool:
-    """The app's reply: ``VERSION PID REQUEST``."""
-    return reply.endswith(b" " + request)
 
 
 def test_killed_worker_is_replaced_while_clients_are_served(

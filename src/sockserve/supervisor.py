@@ -474,7 +474,7 @@ class Supervisor:
             self._exited(child, os.waitstatus_to_exitcode(status))
 
     def _exited(self, child: _Child, code: int) -> None:
-        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        cause = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
         if child.stopping:
             logger.info("worker %d stopped (%s)", child.pid, cause)
             return
@@ -612,6 +612,14 @@ class Supervisor:
                 child.last_beat = now  # one kill; _reap replaces it
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGKILL``, or the number for a signal with no name (a real-time one, as 40)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 class SupervisorError(SystemExit):

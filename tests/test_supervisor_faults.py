@@ -4,9 +4,7 @@ unnamed signals, handler imports that hang, descriptors running out."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 

@@ -166,7 +166,17 @@ class LineFramer(Framer):
     as soon as its unfinished start is longer than that.
     """
 
-    __slots__ = ("_delimiter", "_delimiters", "_keep", "_max_line", "_scan", "_tail", "_width")
+    __slots__ = (
+        "_delimiter",
+        "_delimiters",
+        "_found",
+        "_keep",
+        "_max_line",
+        "_resume",
+        "_scan",
+        "_tail",
+        "_width",
+    )
 
     def __init__(
         self,
@@ -184,6 +194,10 @@ class LineFramer(Framer):
         self._max_line = max_line
         self._scan = 0  # no delimiter ends before this offset past ``_start``
         self._tail = 0  # where the unfinished line starts: just after the last delimiter
+        # With several delimiters, each one's next place (-1: none in the buffer) and
+        # where a search for it resumes, so no byte is searched twice for one delimiter.
+        self._found = [-1] * len(self._delimiters)
+        self._resume = [0] * len(self._delimiters)
 
     @property
     def max_line(self) -> int:
@@ -207,6 +221,8 @@ class LineFramer(Framer):
             self._scan = max(self._scan - start, 0)
             self._tail = max(self._tail - start, 0)
             self._start = 0
+            self._found = [at - start if at >= start else -1 for at in self._found]
+            self._resume = [max(at - start, 0) for at in self._resume]
         base = len(buffer)
         buffer += data
         if (delimiter := self._delimiter) is not None and len(delimiter) == 1:
@@ -230,8 +246,13 @@ class LineFramer(Framer):
         else:
             end = stop = -1
             since = max(self._scan, start)
-            for candidate in self._delimiters:
-                at = buffer.find(candidate, since)
+            found, resume = self._found, self._resume
+            for i, candidate in enumerate(self._delimiters):
+                at = found[i]
+                if at < since:
+                    at = found[i] = buffer.find(candidate, max(since, resume[i]))
+                    if at < 0:
+                        resume[i] = len(buffer) - len(candidate) + 1
                 if at >= 0 and (
                     stop < 0
                     or at + len(candidate) < stop
@@ -266,6 +287,8 @@ class LineFramer(Framer):
 
     def _reset(self) -> None:
         self._scan = self._tail = 0
+        self._found = [-1] * len(self._delimiters)
+        self._resume = [0] * len(self._delimiters)
 
 
 class LengthFramer(Framer):

@@ -233,23 +233,20 @@ class _Connection(asyncio.Protocol):
     def _goodbye(self) -> None:
         """Run ``handle_shutdown``, send what it returns, then end the connection."""
         self._ending = _ENDED
-        try:
+        try:  # sending the goodbye runs handler code too (a framing's encode)
             result = self.handle_shutdown()
+            if inspect.isawaitable(result):
+                self._ledger.spawn(self._goodbye_async(result))
+            else:
+                self._said_goodbye(result)
         except Exception as exc:
             self._handler_error(exc)
-            return
-        if inspect.isawaitable(result):
-            self._ledger.spawn(self._goodbye_async(result))
-        else:
-            self._said_goodbye(result)
 
     async def _goodbye_async(self, hook: Awaitable[Any]) -> None:
         try:
-            result = await hook
+            self._said_goodbye(await hook)
         except Exception as exc:
             self._handler_error(exc)
-            return
-        self._said_goodbye(result)
 
     def _said_goodbye(self, result: Any) -> None:
         if isinstance(result, (bytes, bytearray, memoryview)):

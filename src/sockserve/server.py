@@ -290,19 +290,22 @@ class Server:
 
     def _sweep(self) -> None:
         """Every so often: close idle connections and lines too slow to arrive, push
-        counters to the metrics."""
-        settings = self.settings
-        idle_timeout, line_timeout = settings.idle_timeout, settings.line_timeout
-        if idle_timeout or line_timeout:
-            now = self.loop.time()
-            for conn in list(self.ledger.connections):
-                if (reason := conn._check_timeouts(now, idle_timeout, line_timeout)) is not None:
-                    conn._abort(reason)
-        if self.settings.max_connection_age:
-            self._end_aged()
-        if self.metrics is not None:
-            self._flush_metrics()
-        self._schedule_sweep()
+        counters to the metrics. Always scheduled again: timeouts must not stop for good."""
+        try:
+            settings = self.settings
+            idle_timeout, line_timeout = settings.idle_timeout, settings.line_timeout
+            if idle_timeout or line_timeout:
+                now = self.loop.time()
+                for conn in list(self.ledger.connections):
+                    reason = conn._check_timeouts(now, idle_timeout, line_timeout)
+                    if reason is not None:
+                        conn._abort(reason)
+            if self.settings.max_connection_age:
+                self._end_aged()
+            if self.metrics is not None:
+                self._flush_metrics()
+        finally:
+            self._schedule_sweep()
 
     def _end_aged(self) -> None:
         """End connections past --max-connection-age (each with its own jitter) the way a

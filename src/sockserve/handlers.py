@@ -193,7 +193,7 @@ class MessageHandler(_Connection):
                 break
         if framer.empty:
             self._framer = None
-            self._fast = True
+            self._fast = not self._ending  # an ending connection answers nothing more
             if self._ending == _ENDING:
                 self._goodbye()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import socket
 import ssl
 from collections.abc import Callable
@@ -176,7 +177,16 @@ class LineKind(_AsyncKind):
             handler.client_address = address
             return handler._handle(data)
 
-        return DatagramAnswer(answer, handler._async, handler)
+        def answer_async(data: bytes, address: Any) -> Any:
+            # Up to DATAGRAM_CONCURRENCY run at once: each gets its own client_address
+            # (a shallow copy shares what setup() made).
+            own = copy.copy(handler)
+            own.client_address = address
+            return own._handle(data)
+
+        if handler._async:
+            return DatagramAnswer(answer_async, True, handler)
+        return DatagramAnswer(answer, False, handler)
 
 
 class StreamKind(_AsyncKind):

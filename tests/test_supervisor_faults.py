@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from helpers import ServerProcess, address_of, ask, wait_for, worker_pids
+from helpers import (
+    ServerProcess,
+    address_of,
+    ask,
+    child_pids,
+    sockserve_argv,
+    wait_for,
+    worker_pids,
+)
 
 StartServer = Callable[..., ServerProcess]
+Spawn = Callable[..., ServerProcess]
 
 APP = """
 import sockserve
@@ -20,6 +30,12 @@ import sockserve
 class App(sockserve.LineHandler):
     def handle_line(self, line):
         return line
+"""
+
+HANGS = """
+import sys, time
+print("importing app", file=sys.stderr, flush=True)
+time.sleep(60)
 """
 
 
@@ -48,3 +64,35 @@ def test_a_worker_killed_by_a_signal_without_a_name_is_replaced(
     assert victim not in worker_pids(server)
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
+
+
+@pytest.mark.parametrize("to", ["supervisor", "check", "both"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_handler_import_that_hangs_at_start_can_be_stopped(
+    spawn: Spawn, app_dir: Path, to: str, signum: signal.Signals
+) -> None:
+    """The handler is checked in a child before any worker starts: TERM or INT to the
+    supervisor, to that child or to both (the process group) ends the start at once."""
+    (app_dir / "app.py").write_text(HANGS + APP)
+    server = spawn(
+        sockserve_argv(["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"]),
+        cwd=str(app_dir),
+    )
+    server.read_until("importing app")
+    (check,) = child_pids(server.pid)
+    if to in ("check", "both"):
+        os.kill(check, signum)
+    if to in ("supervisor", "both"):
+        server.signal(signum)
+    started = time.monotonic()
+    code = server.wait(timeout=10)
+    assert time.monotonic() - started < 10
+    if to == "check":
+        assert code == 2, server.text
+        assert f"importing 'app:App' was stopped: signal {signum.name}" in server.text
+    else:
+        assert code == 0, server.text
+        assert "stopped while the handler was being checked" in server.text
+    assert "started worker" not in server.text
+    with pytest.raises(ProcessLookupError):
+        os.kill(check, 0)

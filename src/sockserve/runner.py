@@ -19,7 +19,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from sockserve import binding, notify
 from sockserve.binding import Listener, bind_all
@@ -33,10 +33,12 @@ __all__ = [
     "HandlerImportError",
     "HandlerRef",
     "Identity",
+    "StartInterrupted",
     "StopError",
     "bind_metrics",
     "check_handler_in_child",
     "check_kind",
+    "default_signals",
     "load_before_drop",
     "load_handler",
     "load_handler_as",
@@ -45,6 +47,7 @@ __all__ = [
     "raise_open_file_limit",
     "run_server",
     "serve",
+    "signal_name",
 ]
 
 # The process itself, with or without a supervisor: privileges, signals, stopping.
@@ -422,6 +425,38 @@ def _import_failed(module_name: str, exc: BaseException) -> HandlerImportError:
     return HandlerImportError(f"importing {module_name!r} failed: {detail}{where}")
 
 
+SUPERVISOR_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SUPERVISOR_SIGNALS += (signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+
+
+def default_signals() -> None:
+    """In a child of the supervisor: the default action for the supervisor's signals and
+    no wakeup descriptor, since the handlers that only queue a signal serve no one here."""
+    signal.set_wakeup_fd(-1)
+    for sig in SUPERVISOR_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL``, or the number for a signal with no name (a real-time one, as 40)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+class StartInterrupted(Exception):
+    """SIGTERM or SIGINT came while the handler was being checked: the check was ended."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise StartInterrupted(signum)
+
+
 def check_handler_in_child(
     ref: HandlerRef, identity: Identity | None, listeners: Sequence[Listener]
 ) -> list[str]:
@@ -430,41 +465,85 @@ def check_handler_in_child(
     supervisor) never imports user code, and reloads stay fresh.
 
     Returns the files (under the current directory) of the modules the import loaded:
-    what ``--reload`` watches. HandlerImportError or HandlerKindError, one line, if bad.
+    what ``--reload`` watches. HandlerImportError or HandlerKindError, one line, if bad;
+    StartInterrupted (the child killed) on SIGTERM or SIGINT, so a hanging import can be
+    stopped.
     """
     read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
+    # The child takes the default actions before any signal reaches it.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(read_end)
-        code = 0
+        os.close(write_end)
+        raise
+    if pid == 0:  # child
         try:
-            if identity is not None:
-                identity.assume(log=False)
-            before = set(sys.modules)
-            check_kind(load_handler_as(ref, identity), listeners)
-            files = _module_files(set(sys.modules) - before)
-            os.write(write_end, "\n".join(files).encode("utf-8", "surrogateescape"))
-        except HandlerKindError as exc:
-            os.write(write_end, b"K" + str(exc).encode())
-            code = 2
-        except HandlerImportError as exc:
-            os.write(write_end, b"I" + str(exc).encode())
-            code = 2
-        except BaseException:
-            os.write(write_end, traceback.format_exc().encode())
-            code = 1
+            default_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         finally:
-            os._exit(code)
+            _check_in_child(ref, identity, listeners, read_end, write_end)
+    previous = {
+        sig: signal.signal(sig, _interrupt)
+        for sig in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(sig) != signal.SIG_IGN
+    }
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
+    pipe = os.fdopen(read_end, "rb")
+    status = None
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         output = pipe.read().decode("utf-8", "surrogateescape")
-    _, status = os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        pipe.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if status is None:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code == 2:
         raise (HandlerKindError if output[:1] == "K" else HandlerImportError)(output[1:])
+    if code < 0:
+        message = f"importing {ref!r} was stopped: signal {signal_name(-code)}"
+        raise HandlerImportError(message)
     if code != 0:
         raise RuntimeError(f"checking the handler {ref!r} failed:\n{output.strip()}")
     return [line for line in output.split("\n") if line]
+
+
+def _check_in_child(
+    ref: HandlerRef,
+    identity: Identity | None,
+    listeners: Sequence[Listener],
+    read_end: int,
+    write_end: int,
+) -> NoReturn:
+    """The child's side of ``check_handler_in_child``: never returns."""
+    code = 0
+    try:
+        os.close(read_end)
+        if identity is not None:
+            identity.assume(log=False)
+        before = set(sys.modules)
+        check_kind(load_handler_as(ref, identity), listeners)
+        files = _module_files(set(sys.modules) - before)
+        os.write(write_end, "\n".join(files).encode("utf-8", "surrogateescape"))
+    except HandlerKindError as exc:
+        os.write(write_end, b"K" + str(exc).encode())
+        code = 2
+    except HandlerImportError as exc:
+        os.write(write_end, b"I" + str(exc).encode())
+        code = 2
+    except BaseException:
+        os.write(write_end, traceback.format_exc().encode())
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def _module_files(names: set[str]) -> list[str]:

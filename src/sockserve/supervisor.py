@@ -31,13 +31,16 @@ from sockserve.metrics import Metrics, log_metrics_url
 from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
 from sockserve.runner import (
     IMMEDIATE_STOP,
+    SUPERVISOR_SIGNALS,
     HandlerRef,
     Identity,
+    StartInterrupted,
     bind_metrics,
     check_handler_in_child,
     check_kind,
     load_before_drop,
     load_tls,
+    signal_name,
 )
 from sockserve.settings import Settings, SettingsError
 from sockserve.worker import BEAT, FAILED, READY, Worker, heartbeat_interval
@@ -89,8 +92,7 @@ class Supervisor:
     signal (as gunicorn's arbiter).
     """
 
-    _handled: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    _handled += (signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+    _handled = SUPERVISOR_SIGNALS
 
     def __init__(self, handler: HandlerRef, settings: Settings) -> None:
         self.handler = handler
@@ -207,41 +209,26 @@ class Supervisor:
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._alive_r = self._alive_w = -1
         # Signals are queued from before the "listening on" lines: one sent as soon as
         # they appear is acted on once the loop runs, never the default action (death).
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno())
         previous = {sig: signal.signal(sig, self._queue_signal) for sig in self._handled}
         try:
             self._prepare()
-            self._alive_r, self._alive_w = os.pipe()  # workers see EOF if the supervisor dies
-            logger.info("supervisor %d starting %d worker(s)", os.getpid(), len(self.slots))
-            with selectors.DefaultSelector() as selector:
-                self.selector = selector
-                selector.register(wake_r, selectors.EVENT_READ)
-                self._spawn_missing()
-                while self.children or not self.stopping:
-                    for key, events in selector.select(self._next_timeout()):
-                        if key.fileobj is wake_r:
-                            with contextlib.suppress(OSError):
-                                while wake_r.recv(4096):
-                                    pass
-                        elif isinstance(key.data, BrokerLink):
-                            key.data.ready(events)
-                        else:
-                            self._read_beats(key.data)
-                    self._handle_signals()
-                    self._reap()
-                    self._tick()
+        except StartInterrupted as exc:
+            logger.info("%s: stopped while the handler was being checked", signal_name(exc.signum))
+        else:
+            self._serve()
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            wake_r.close()
-            wake_w.close()
+            self._wake_r.close()
+            self._wake_w.close()
             for fd in (self._alive_r, self._alive_w):
                 if fd >= 0:
                     os.close(fd)
@@ -252,6 +239,28 @@ class Supervisor:
         logger.info("supervisor stopped")
         if self.exit_code:
             raise SupervisorError(self.exit_code)
+
+    def _serve(self) -> None:
+        """The main loop: until every worker is gone after a stop."""
+        self._alive_r, self._alive_w = os.pipe()  # workers see EOF if the supervisor dies
+        logger.info("supervisor %d starting %d worker(s)", os.getpid(), len(self.slots))
+        with selectors.DefaultSelector() as selector:
+            self.selector = selector
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            self._spawn_missing()
+            while self.children or not self.stopping:
+                for key, events in selector.select(self._next_timeout()):
+                    if key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            while self._wake_r.recv(4096):
+                                pass
+                    elif isinstance(key.data, BrokerLink):
+                        key.data.ready(events)
+                    else:
+                        self._read_beats(key.data)
+                self._handle_signals()
+                self._reap()
+                self._tick()
 
     def _queue_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
@@ -393,6 +402,8 @@ class Supervisor:
         worker.catch_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
         os.close(self._alive_w)
+        self._wake_r.close()
+        self._wake_w.close()
         for listener in self.shared + ([self.metrics[1]] if self.metrics else []):
             listener.shared = True  # the supervisor serves it on after this worker stops
         for child in self.children.values():
@@ -474,7 +485,7 @@ class Supervisor:
             self._exited(child, os.waitstatus_to_exitcode(status))
 
     def _exited(self, child: _Child, code: int) -> None:
-        cause = f"signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+        cause = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
         if child.stopping:
             logger.info("worker %d stopped (%s)", child.pid, cause)
             return
@@ -612,14 +623,6 @@ class Supervisor:
                 child.last_beat = now  # one kill; _reap replaces it
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
-
-
-def _signal_name(signum: int) -> str:
-    """``SIGKILL``, or the number for a signal with no name (a real-time one, as 40)."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
 
 
 class SupervisorError(SystemExit):

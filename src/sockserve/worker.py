@@ -21,6 +21,7 @@ from sockserve.runner import (
     Identity,
     StopError,
     check_kind,
+    default_signals,
     load_handler_as,
     run_server,
 )
@@ -82,10 +83,9 @@ class Worker:
         """First thing in the child: TERM and INT are noted (a worker stopped while it
         still imports serves what it accepted, then stops), the supervisor's other signals
         ignored."""
-        signal.set_wakeup_fd(-1)
+        default_signals()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._early_signal)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
 

@@ -207,14 +207,21 @@ class Gate:
         proxy: ProxyHeader | None,
         handshake_timeout: float | None = None,
     ) -> None:
-        self.kind.serve_stream(
-            conn,
-            address,
-            listener,
-            proxy,
-            self.ssl,
-            handshake_timeout or self.settings.handshake_timeout,
-        )
+        try:
+            self.kind.serve_stream(
+                conn,
+                address,
+                listener,
+                proxy,
+                self.ssl,
+                handshake_timeout or self.settings.handshake_timeout,
+            )
+        except Exception as exc:  # the handler's __init__, say: release the slot
+            ledger = self.ledger
+            ledger.handler_failed(address, exc)
+            with contextlib.suppress(OSError):
+                conn.close()
+            ledger.closed(address, listener.url, 0.0, 0, 0, "handler error")
 
 
 def _in_networks(address: Any, networks: Iterable[Any]) -> bool:

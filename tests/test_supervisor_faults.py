@@ -3,8 +3,11 @@ unnamed signals, handler imports that hang, descriptors running out."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,3 +99,52 @@ def test_a_handler_import_that_hangs_at_start_can_be_stopped(
     assert "started worker" not in server.text
     with pytest.raises(ProcessLookupError):
         os.kill(check, 0)
+
+
+FAILING_FORK = """
+import sockserve.worker
+from sockserve.runner import serve
+
+def fail(self):
+    raise RuntimeError("no signals for you")
+
+sockserve.worker.Worker.catch_signals = fail
+serve("app:App", workers=2, bind=["127.0.0.1:0"])
+"""
+
+
+def test_a_child_that_fails_before_it_serves_exits_and_never_acts_as_supervisor(
+    spawn: Spawn, app_dir: Path
+) -> None:
+    server = spawn([sys.executable, "-c", FAILING_FORK], cwd=str(app_dir))
+    assert server.wait(timeout=20) == 2
+    pid = int(server.wait_for(r"started worker (\d+)").group(1))
+    assert re.search(
+        rf"worker {pid} could not start\n.*RuntimeError: no signals", server.text, re.S
+    )
+    server.wait_for(rf"worker {pid} could not start: exit code 3; stopping")
+    assert server.count("supervisor stopped") == 1, server.text
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The sockets ``pid`` holds open, as ``socket:[INODE]``."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:"):
+                found.add(target)
+    return found
+
+
+def test_workers_share_only_the_listening_socket_with_the_supervisor(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    """Not the supervisor's signal wake pair: a worker holding its ends keeps them alive."""
+    server = start_server(
+        ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
+    )
+    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    supervisor = socket_inodes(server.pid)
+    for worker in worker_pids(server):
+        assert len(socket_inodes(worker) & supervisor) == 1  # the listener

@@ -43,7 +43,7 @@ from sockserve.runner import (
     signal_name,
 )
 from sockserve.settings import Settings, SettingsError
-from sockserve.worker import BEAT, FAILED, READY, Worker, heartbeat_interval
+from sockserve.worker import BEAT, BOOT_ERROR, FAILED, READY, Worker, heartbeat_interval
 
 __all__ = ["Supervisor", "SupervisorError"]
 
@@ -360,10 +360,15 @@ class Supervisor:
         try:
             pid = os.fork()
             if pid == 0:
-                os.close(beat_r)
-                if link is not None:
-                    link.close()
-                self._become_worker(listeners, beat_w, ssl_context, blocked, child_link)
+                try:  # never back into the supervisor's loop: this is not the supervisor
+                    os.close(beat_r)
+                    if link is not None:
+                        link.close()
+                    self._become_worker(listeners, beat_w, ssl_context, blocked, child_link)
+                except BaseException:
+                    logger.exception("worker %d could not start", os.getpid())
+                finally:
+                    os._exit(BOOT_ERROR)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(beat_w)

@@ -204,11 +204,12 @@ class ConnectionLedger:
         self.stats.handler_errors += 1
         self.handler_error_log(peer, exc)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in a task that the server cancels if it still runs at the end."""
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     def call_from_thread(self, callback: Callable[..., object], *args: Any) -> None:
         """The way in from another thread: run ``callback(*args)`` in the event loop."""

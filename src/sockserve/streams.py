@@ -130,7 +130,7 @@ class StreamHandler(_Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         if self._ledger.stopping:  # accepted from the backlog while stopping
             self._end("server shutdown")
         if self._simple_hooks:
@@ -139,10 +139,11 @@ class StreamHandler(_Connection):
             except Exception as exc:
                 self._handler_error(exc)
                 return
-            self._task = loop.create_task(self.handle())
+            # The ledger's: a handler still running when the server finishes is cancelled.
+            self._task = self._ledger.spawn(self.handle())
             self._task.add_done_callback(self._handle_done)
         else:
-            self._task = loop.create_task(self._run())
+            self._task = self._ledger.spawn(self._run())
 
     async def _run(self) -> None:
         """setup, handle and finish, for handlers with async setup or finish."""

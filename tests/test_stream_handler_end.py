@@ -11,7 +11,7 @@ import pytest
 import sockserve
 from helpers import read_line, serving
 
-FINISHED: list[str] = []
+finished: list[str] = []
 
 
 class Stuck(sockserve.StreamHandler):
@@ -22,23 +22,23 @@ class Stuck(sockserve.StreamHandler):
         await asyncio.Event().wait()
 
     def finish(self) -> None:
-        FINISHED.append("finish")
+        finished.append("finish")
 
 
 class AsyncStuck(Stuck):
     async def finish(self) -> Any:  # type: ignore[override]
         await asyncio.sleep(0)
-        FINISHED.append("async finish")
+        finished.append("async finish")
 
 
 @pytest.mark.parametrize("handler", [Stuck, AsyncStuck])
 def test_shutdown_cancels_a_handler_that_outlives_its_connection(handler: type) -> None:
     """handle() ran in a task of its own that the server never cancelled: it outlived
     its connection and the server, and finish() never ran."""
-    FINISHED.clear()
+    finished.clear()
     with serving(handler) as server:
         with socket.create_connection(server.address, timeout=10) as sock:
             assert read_line(sock) == b"ready\n"
         server.stop(0.5)
         expected = "finish" if handler is Stuck else "async finish"
-        assert FINISHED == [expected]
+        assert finished == [expected]

@@ -148,3 +148,27 @@ def test_workers_share_only_the_listening_socket_with_the_supervisor(
     supervisor = socket_inodes(server.pid)
     for worker in worker_pids(server):
         assert len(socket_inodes(worker) & supervisor) == 1  # the listener
+
+
+HANGS_IN_WORKERS = """
+import os, sys, time
+if os.path.exists("imported"):  # the check at start imports it first, and goes on
+    print("worker importing app", file=sys.stderr, flush=True)
+    time.sleep(60)
+open("imported", "w").close()
+"""
+
+
+def test_a_worker_whose_import_hangs_is_killed_after_the_worker_timeout(
+    spawn: Spawn, app_dir: Path
+) -> None:
+    """At the first start, a worker that never serves is a boot failure: exit 2."""
+    (app_dir / "app.py").write_text(HANGS_IN_WORKERS + APP)
+    args = ["run", "app:App", "--workers", "2", "--worker-timeout", "1", "--bind", "127.0.0.1:0"]
+    server = spawn(sockserve_argv(args), cwd=str(app_dir))
+    server.read_until("worker importing app")
+    assert server.wait(timeout=15) == 2
+    match = server.wait_for(
+        r"worker (\d+) not serving [\d.]+ s after it started \(--worker-timeout\)"
+    )
+    server.wait_for(rf"worker {match.group(1)} could not start: not serving [\d.]+ s after it")

@@ -197,7 +197,8 @@ class Settings:
         30.0,
         duration,
         "With a supervisor: a worker whose event loop stays blocked this long (a handler"
-        " stuck in a loop, a stopped process) is killed and replaced; 0 never.",
+        " stuck in a loop, a stopped process), or not serving this long after it started"
+        " (an import that hangs), is killed and replaced; 0 never.",
     )
     tls_cert: str | None = _setting(
         None, optional_str, "PEM certificate chain; turns TLS on.", metavar="PATH"

@@ -376,7 +376,8 @@ class Supervisor:
             for listener in listeners:
                 if listener not in self.shared:
                     listener.sock.close()
-        child = _Child(pid, slot, generation, beat_r, time.monotonic())
+        now = time.monotonic()
+        child = _Child(pid, slot, generation, beat_r, now, last_beat=now)
         self.children[pid] = child
         self.selector.register(beat_r, selectors.EVENT_READ, child)
         if link is not None and child_link is not None and self.broker is not None:
@@ -610,7 +611,8 @@ class Supervisor:
         self._spawn_missing()
 
     def _watch_workers(self, now: float) -> None:
-        """Kill workers whose loop has not written a heartbeat for ``worker_timeout``."""
+        """Kill workers whose loop has not written a heartbeat for ``worker_timeout``, and
+        those not serving that long after they started (an import that hangs)."""
         timeout = self.settings.worker_timeout
         if now - self._last_watch > timeout / 2:
             # We were not running either (the process group stopped with Ctrl-Z, a paused
@@ -619,15 +621,22 @@ class Supervisor:
                 child.last_beat = max(child.last_beat, now)
         self._last_watch = now
         for child in self.children.values():
-            if child.ready and now - child.last_beat >= timeout:
+            if now - child.last_beat < timeout:
+                continue
+            if child.ready:
                 logger.error(
                     "worker %d unresponsive for %.1f s (its event loop is blocked); killing it",
                     child.pid,
                     now - child.last_beat,
                 )
-                child.last_beat = now  # one kill; _reap replaces it
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGKILL)
+            elif not child.failure:
+                child.failure = f"not serving {now - child.started:.1f} s after it started"
+                logger.error(
+                    "worker %d %s (--worker-timeout); killing it", child.pid, child.failure
+                )
+            child.last_beat = now  # one kill; _reap replaces it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
 
 
 class SupervisorError(SystemExit):

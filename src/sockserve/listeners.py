@@ -123,6 +123,7 @@ class DatagramEndpoint:
         self.buffer = bytearray(self.max_size + 1)
         self.view = memoryview(self.buffer)
         self.reading = False
+        self.started = False  # the handler's setup() ran: its finish() runs at close
         self.in_flight = 0
         answer = server.kind.datagram_answer(self)
         self.answer = answer.answer
@@ -132,6 +133,7 @@ class DatagramEndpoint:
     def start(self) -> None:
         if self.handler is not None:
             self.handler.setup()
+            self.started = True
         self.set_reading(True)
 
     def set_reading(self, on: bool) -> None:
@@ -223,7 +225,8 @@ class DatagramEndpoint:
 
     def close(self) -> None:
         self.set_reading(False)
-        if self.handler is not None:
+        if self.started:
+            self.started = False
             try:
                 self.handler.finish()
             except Exception as exc:

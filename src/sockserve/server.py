@@ -119,9 +119,26 @@ class Server:
         return self._connections_view.broadcast(data, exclude=exclude)
 
     async def start(self) -> None:
-        """Bind (unless listeners were given), then start accepting and reading."""
+        """Bind (unless listeners were given), then start accepting and reading. A start
+        that fails part way closes all it opened: the server is then stopped."""
         self.loop = self.ledger.loop = asyncio.get_running_loop()
         self._closed_event = asyncio.Event()
+        try:
+            await self._start()
+        except BaseException:
+            await self._abandon_start()
+            raise
+
+    async def _abandon_start(self) -> None:
+        self.ledger.stopping = True
+        for listener in self._stream:
+            listener.set_reading(False)
+        for endpoint in self._datagram:
+            endpoint.close()
+        self._close_listeners()
+        await self._finish()
+
+    async def _start(self) -> None:
         if self._admission_link is not None and self.ledger.admission is not None:
             remote = RemoteAdmission(self._admission_link)
             remote.start(self.loop)
@@ -138,20 +155,15 @@ class Server:
             for listener in self.listeners
             if listener.datagram and listener.family in (socket.AF_INET, socket.AF_INET6)
         )
-        try:
-            for listener in self.listeners:
-                if listener.datagram:
-                    endpoint = DatagramEndpoint(self, listener, own_ports)
-                    self._datagram.append(endpoint)
-                elif not self.kind.serves_streams:
-                    raise HandlerKindError(
-                        f"a {self.kind.name} handler cannot serve stream listener {listener.url}"
-                    )
-                else:
-                    self._stream.append(StreamListener(self.gate, listener))
-        except BaseException:
-            self._close_listeners()
-            raise
+        for listener in self.listeners:
+            if listener.datagram:
+                self._datagram.append(DatagramEndpoint(self, listener, own_ports))
+            elif not self.kind.serves_streams:
+                raise HandlerKindError(
+                    f"a {self.kind.name} handler cannot serve stream listener {listener.url}"
+                )
+            else:
+                self._stream.append(StreamListener(self.gate, listener))
         for endpoint in self._datagram:
             endpoint.start()
         self._update_accepting()

@@ -48,6 +48,18 @@ sockserve.server.Server.shutdown = shutdown
 sockserve.server.Server.abort = lambda self: None
 """
 
+FAILS_AFTER_THE_STOP = """
+import sockserve.runner
+
+serve_until_stopped = sockserve.runner.run_server
+
+def run_server(*args, **kwargs):
+    serve_until_stopped(*args, **kwargs)
+    raise RuntimeError("failed after the stop")
+
+sockserve.runner.run_server = run_server
+"""
+
 
 def write_app(directory: Path, patch: str = "") -> None:
     (directory / "app.py").write_text(textwrap.dedent(APP.format(patch=patch)))
@@ -94,6 +106,24 @@ def test_a_stuck_blocking_handler_does_not_keep_the_process_alive(
         assert wait_exit(server, timeout=20) == 0
     print(f"FIGURES stuck handler: exited {time.monotonic() - started:.2f} s after SIGTERM")
     assert "handler thread(s) still running past the graceful timeout" in server.text
+
+
+def test_a_failure_with_a_stuck_blocking_handler_is_logged_and_exits_1(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The exit that does not wait for the stuck thread keeps the failure and its status."""
+    write_app(tmp_path, FAILS_AFTER_THE_STOP)
+    server = start_server(
+        ["run", "app:Stuck", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"],
+        cwd=str(tmp_path),
+    )
+    with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
+        sock.sendall(b"x\n")
+        assert read_line(sock) == b"stuck\n"
+        server.signal(signal.SIGTERM)
+        assert wait_exit(server, timeout=20) == 1
+    assert "serving failed" in server.text
+    assert "RuntimeError: failed after the stop" in server.text
 
 
 def test_ctrl_c_says_a_second_one_stops_at_once_with_workers(

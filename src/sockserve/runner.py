@@ -608,8 +608,10 @@ def serve(handler: HandlerRef, settings: Settings | None = None, **kwargs: Any) 
     code = 0
     try:
         run_server(handler_class, settings, listeners, metrics=metrics, ssl_context=ssl_context)
-    except StopError:
+    except BaseException as exc:
         code = 1
+        if _stuck_handler_threads() and not isinstance(exc, StopError):
+            logger.error("serving failed", exc_info=exc)  # not raised: the exit comes first
         raise
     finally:
         if _stuck_handler_threads():

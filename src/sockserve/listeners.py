@@ -152,7 +152,7 @@ class DatagramEndpoint:
         own_ports = self.own_ports
         for _ in range(DATAGRAM_BATCH):
             try:
-                size, address = self.sock.recvfrom_into(self.buffer)
+                size, address = self.sock.recvfrom_into(self.view)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error of an earlier reply
@@ -180,16 +180,16 @@ class DatagramEndpoint:
                     self.max_size,
                 )
                 continue
-            data = self.buffer[:size]
+            data = bytes(self.view[:size])  # one copy out of the reused buffer
             if self.is_async:
                 self.in_flight += 1
-                ledger.spawn(self._answer_async(bytes(data), address))
+                ledger.spawn(self._answer_async(data, address))
                 if self.in_flight >= DATAGRAM_CONCURRENCY:
                     self.set_reading(False)
                     return
                 continue
             try:
-                reply = self.answer(bytes(data), address)
+                reply = self.answer(data, address)
             except Exception as exc:
                 ledger.handler_failed(address, exc)
                 continue

@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         "_idle_since",
         "_ledger",
         "_line_seen",
+        "_linger_timer",
         "_max_line",
         "_opened",
         "_reading_paused",
@@ -93,6 +94,7 @@ class _Connection(asyncio.Protocol):
     _ending: int  # _SERVING, _ENDING or _ENDED
     _opened: float
     _idle_since: float | None  # when the idle sweep last saw bytes move
+    _linger_timer: asyncio.TimerHandle | None  # cuts a lingering close short
     _seen_in: int
     _seen_out: int
     # Where in the stream the unfinished line the sweep saw begins, and when it first saw it.
@@ -116,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self._opened = 0.0
         self._idle_since = None
         self._line_seen = None
+        self._linger_timer = None
 
     # socketserver-style hooks
     def setup(self) -> Any:
@@ -268,7 +271,7 @@ class _Connection(asyncio.Protocol):
         transport.set_protocol(_Lingering(self))
         transport.write_eof()
         transport.resume_reading()
-        asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self._cut_lingering)
+        self._linger_timer = self._ledger.loop.call_later(LINGER_TIMEOUT, self._cut_lingering)
 
     def _cut_lingering(self) -> None:
         if not self._closed:
@@ -348,6 +351,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._linger_timer is not None:  # else it keeps this object for LINGER_TIMEOUT
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if not self._transport.is_closing():
             # Python 3.10's TLS transport is not marked closed when the peer ends the
             # connection and warns when collected; closing it here is a no-op elsewhere.

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sockserve.proxy_protocol import ProxyHeader
     from sockserve.server import Server
 
-__all__ = ["KINDS", "HandlerKind", "HandlerKindError", "handler_kind", "kind_of"]
+__all__ = ["KINDS", "HandlerKind", "HandlerKindError", "kind_of"]
 
 
 class HandlerKindError(TypeError):
@@ -152,7 +152,8 @@ class _AsyncKind(HandlerKind):
             ledger = self.ledger
             reason = "TLS handshake failed" if context is not None else "connect failed"
             ledger.rejected("tls" if context is not None else "error")
-            ledger.reject_log("%s for %s: %s", reason, handler.client_address, exc or "timeout")
+            why = str(exc) or type(exc).__name__  # a bare TimeoutError says nothing
+            ledger.reject_log("%s for %s: %s", reason, handler.client_address, why)
             with contextlib.suppress(OSError):
                 conn.close()
             if handler not in ledger.connections:  # else connection_lost accounts for it
@@ -282,8 +283,3 @@ def kind_of(handler: type) -> type[HandlerKind]:
         " sockserve.LineHandler, MessageHandler, StreamHandler, DatagramHandler or a"
         " socketserver BaseRequestHandler"
     )
-
-
-def handler_kind(handler: type) -> str:
-    """``line``, ``stream``, ``datagram`` or ``blocking``; HandlerKindError otherwise."""
-    return kind_of(handler).name

@@ -172,3 +172,27 @@ def test_a_worker_whose_import_hangs_is_killed_after_the_worker_timeout(
         r"worker (\d+) not serving [\d.]+ s after it started \(--worker-timeout\)"
     )
     server.wait_for(rf"worker {match.group(1)} could not start: not serving [\d.]+ s after it")
+
+
+def test_a_worker_that_cannot_be_started_is_retried_and_the_others_serve_on(
+    start_server: StartServer, app_dir: Path
+) -> None:
+    """Out of descriptors (RLIMIT_NOFILE 16): SIGTTIN asks for workers the supervisor
+    cannot start; it says why, backs off that slot and serves on."""
+    server = start_server(
+        ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"],
+        cwd=str(app_dir),
+        nofile=16,
+    )
+    address = address_of(server.urls[0])
+    wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
+    for workers in range(3, 12):  # one at a time: signals sent together merge into one
+        server.signal(signal.SIGTTIN)
+        server.wait_for(rf"SIGTTIN: {workers} worker\(s\)")
+        if server.count("cannot start a worker"):
+            break
+    server.wait_for(r"cannot start a worker: \[Errno 24\] Too many open files")
+    assert ask(address) == b"hi\n"
+    assert "Traceback" not in server.text
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0

@@ -346,36 +346,59 @@ class Supervisor:
             if index not in filled and now >= slot.respawn_at:
                 self._spawn(index, self.generation)
 
-    def _spawn(self, slot: int, generation: int) -> None:
-        listeners = self._worker_listeners()
+    def _spawn(self, slot: int, generation: int) -> bool:
+        """Start a worker in ``slot``. False if the system would not (no descriptors or
+        processes left): that counts as a crash of the slot, or fails the reload."""
+        try:
+            self._fork_worker(slot, generation)
+        except OSError as exc:
+            logger.error("cannot start a worker: %s", exc)
+            if generation == self.reload_generation:
+                self._reload_failed(f"cannot start a worker: {exc}")
+            else:
+                delay = max(self._back_off(self.slots[slot], quick=True), FIRST_BACKOFF)
+                self.slots[slot].respawn_at = time.monotonic() + delay
+            return False
+        return True
+
+    def _fork_worker(self, slot: int, generation: int) -> None:
         ssl_context = self.reload_ssl if generation == self.reload_generation else None
         ssl_context = ssl_context or self.ssl_context
-        beat_r, beat_w = os.pipe()
-        link = child_link = None
-        if self.broker is not None:
-            link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # Signals wait until the child has its own handlers: one sent to the new pid at
-        # once must not run the supervisor's handler there (and be lost).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self._handled)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                try:  # never back into the supervisor's loop: this is not the supervisor
-                    os.close(beat_r)
-                    if link is not None:
-                        link.close()
-                    self._become_worker(listeners, beat_w, ssl_context, blocked, child_link)
-                except BaseException:
-                    logger.exception("worker %d could not start", os.getpid())
-                finally:
-                    os._exit(BOOT_ERROR)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(beat_w)
-        if self.settings.reuse_port:
+        with contextlib.ExitStack() as undo:  # what was made, should a later step fail
+            listeners = self._worker_listeners()
             for listener in listeners:
-                if listener not in self.shared:
-                    listener.sock.close()
+                if listener not in self.shared:  # with reuse-port: this worker's own
+                    undo.callback(listener.sock.close)
+            beat_r, beat_w = os.pipe()
+            undo.callback(os.close, beat_r)
+            undo.callback(os.close, beat_w)
+            link = child_link = None
+            if self.broker is not None:
+                link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                undo.enter_context(link)
+                undo.enter_context(child_link)
+            # Signals wait until the child has its own handlers: one sent to the new pid
+            # at once must not run the supervisor's handler there (and be lost).
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self._handled)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    try:  # never back into the supervisor's loop: this is not the supervisor
+                        os.close(beat_r)
+                        if link is not None:
+                            link.close()
+                        self._become_worker(listeners, beat_w, ssl_context, blocked, child_link)
+                    except BaseException:
+                        logger.exception("worker %d could not start", os.getpid())
+                    finally:
+                        os._exit(BOOT_ERROR)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            undo.pop_all()
+        os.close(beat_w)
+        for listener in listeners:
+            if listener not in self.shared:
+                listener.sock.close()
         now = time.monotonic()
         child = _Child(pid, slot, generation, beat_r, now, last_beat=now)
         self.children[pid] = child
@@ -518,15 +541,10 @@ class Supervisor:
         if child.slot >= len(self.slots):  # its slot went away with SIGTTOU
             logger.error("worker %d died (%s)", child.pid, cause)
             return
-        slot = self.slots[child.slot]
         now = time.monotonic()
         ran = now - child.started
-        slot.crashes = slot.crashes + 1 if ran < CRASH_WINDOW else 0
-        delay = 0.0 if slot.crashes <= 1 else FIRST_BACKOFF * 2 ** (slot.crashes - 2)
-        delay = min(delay, MAX_BACKOFF)
-        if not any(c.ready for c in self._live()):  # nobody serves: come back soon
-            delay = min(delay, ALONE_BACKOFF)
-        slot.respawn_at = now + delay
+        delay = self._back_off(self.slots[child.slot], quick=ran < CRASH_WINDOW)
+        self.slots[child.slot].respawn_at = now + delay
         reason = f": {child.failure}" if child.failure else ""
         if delay:
             logger.error(
@@ -540,6 +558,16 @@ class Supervisor:
         else:
             logger.error("worker %d died (%s)%s; starting a new one", child.pid, cause, reason)
         self._spawn_missing()
+
+    def _back_off(self, slot: _Slot, quick: bool) -> float:
+        """How long ``slot`` waits before its next worker, after one died (``quick``: soon
+        after it started, or it could not start at all)."""
+        slot.crashes = slot.crashes + 1 if quick else 0
+        delay = 0.0 if slot.crashes <= 1 else FIRST_BACKOFF * 2 ** (slot.crashes - 2)
+        delay = min(delay, MAX_BACKOFF)
+        if not any(c.ready for c in self._live()):  # nobody serves: come back soon
+            delay = min(delay, ALONE_BACKOFF)
+        return delay
 
     # -- reload --------------------------------------------------------------------------
 
@@ -559,7 +587,8 @@ class Supervisor:
         self.reload_generation = self._generations
         self.reload_deadline = time.monotonic() + RELOAD_TIMEOUT
         for index in range(len(self.slots)):
-            self._spawn(index, self.reload_generation)
+            if not self._spawn(index, self.reload_generation):
+                return
 
     def _check_reload(self) -> None:
         """Once a new worker serves in every slot, the old ones stop."""

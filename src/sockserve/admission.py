@@ -30,6 +30,7 @@ __all__ = [
     "Pacer",
     "RemoteAdmission",
     "client_key",
+    "plain_host",
 ]
 
 # Clients whose connection rate is remembered after they have no connection open. Past
@@ -47,20 +48,31 @@ ANSWER_WAIT = 1.0
 _EPSILON = 1e-9
 
 
+def plain_host(host: str) -> str:
+    """An IP address without its ``%scope``, and an IPv4-mapped IPv6 address (a
+    dual-stack socket's IPv4 peer) as the IPv4 address it is; anything else as given."""
+    host = host.split("%", 1)[0]
+    if ":" in host:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            return host
+        if packed.startswith(_V4_MAPPED):
+            return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return host
+
+
 def client_key(address: Any) -> str | bytes | None:
     """The client an address belongs to: the IPv4 text, 8 bytes of IPv6 /64, None (Unix)."""
     if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
         return None
-    host = address[0]
+    host = plain_host(address[0])
     if ":" not in host:
         return host
     try:
-        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return socket.inet_pton(socket.AF_INET6, host)[:8]
     except OSError:
         return host
-    if packed.startswith(_V4_MAPPED):
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return packed[:8]
 
 
 class _Bucket:

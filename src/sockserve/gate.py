@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sockserve.admission import Admission, Pacer
+from sockserve.admission import Admission, Pacer, plain_host
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
@@ -225,14 +226,10 @@ class Gate:
 
 
 def _in_networks(address: Any, networks: Iterable[Any]) -> bool:
-    import ipaddress
-
-    if not isinstance(address, tuple):
+    if not isinstance(address, tuple) or not isinstance(address[0], str):
         return False
     try:
-        ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+        ip = ipaddress.ip_address(plain_host(address[0]))
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return any(ip in net for net in networks)

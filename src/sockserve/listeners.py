@@ -13,6 +13,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
+from sockserve.admission import plain_host
 from sockserve.observability import format_peer
 
 if TYPE_CHECKING:
@@ -238,9 +239,7 @@ _local_ips: dict[str, bool] = {}
 
 def _is_local(host: str) -> bool:
     """Whether ``host`` is an address of this machine: only those can be bound."""
-    host = host.split("%", 1)[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
+    host = plain_host(host)
     known = _local_ips.get(host)
     if known is None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

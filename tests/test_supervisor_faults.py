@@ -118,11 +118,10 @@ def test_a_child_that_fails_before_it_serves_exits_and_never_acts_as_supervisor(
 ) -> None:
     server = spawn([sys.executable, "-c", FAILING_FORK], cwd=str(app_dir))
     assert server.wait(timeout=20) == 2
-    pid = int(server.wait_for(r"started worker (\d+)").group(1))
+    pid = int(server.wait_for(r"worker (\d+) could not start: exit code 3; stopping").group(1))
     assert re.search(
         rf"worker {pid} could not start\n.*RuntimeError: no signals", server.text, re.S
     )
-    server.wait_for(rf"worker {pid} could not start: exit code 3; stopping")
     assert server.count("supervisor stopped") == 1, server.text
 
 
@@ -168,10 +167,8 @@ def test_a_worker_whose_import_hangs_is_killed_after_the_worker_timeout(
     server = spawn(sockserve_argv(args), cwd=str(app_dir))
     server.read_until("worker importing app")
     assert server.wait(timeout=15) == 2
-    match = server.wait_for(
-        r"worker (\d+) not serving [\d.]+ s after it started \(--worker-timeout\)"
-    )
-    server.wait_for(rf"worker {match.group(1)} could not start: not serving [\d.]+ s after it")
+    server.wait_for(r"worker (\d+) not serving [\d.]+ s after it started \(--worker-timeout\)")
+    server.wait_for(r"worker \d+ could not start: not serving [\d.]+ s after it started; stopping")
 
 
 def test_a_worker_that_cannot_be_started_is_retried_and_the_others_serve_on(

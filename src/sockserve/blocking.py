@@ -173,7 +173,7 @@ class BlockingPool:
             await asyncio.wait_for(self._do_handshake(tls), timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             tls.close()
-            self._refused(address, listener, started, exc or "timeout")
+            self._refused(address, listener, started, str(exc) or "timeout")
             return
         except asyncio.CancelledError:
             tls.close()

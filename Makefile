@@ -25,11 +25,13 @@ typecheck: $(STAMP)
 
 # The whole suite under branch coverage (server processes included), then the figure.
 # Coverage data goes to a directory of the run's own that anyone may write: some tests
-# run servers as nobody.
+# run servers as nobody. Most of a test's time is spent waiting on its servers, so JOBS
+# test processes (pytest-xdist) share the cores; JOBS=0 runs the suite in this process.
+JOBS ?= 4
 unit: $(STAMP)
 	@data=$$(mktemp -d) && chmod 1777 $$data && export COVERAGE_FILE=$$data/.coverage && \
 	trap 'rm -rf $$data' EXIT && \
-	$(BIN)/coverage run -m pytest $(PYTEST_ARGS) && \
+	$(BIN)/coverage run -m pytest -n $(JOBS) --dist worksteal $(PYTEST_ARGS) && \
 	$(BIN)/coverage combine --quiet && \
 	for f in $(COMPLETE); do \
 		$(BIN)/coverage report --include=$$f --fail-under=100 --format=total >/dev/null || { \

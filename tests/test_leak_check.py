@@ -3,8 +3,10 @@ where it was made; a test that cleans up passes."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -61,15 +63,21 @@ LEAKY = textwrap.dedent(
 def test_each_kind_of_leak_fails_the_test_that_left_it(tmp_path: Path) -> None:
     (tmp_path / "test_leaky.py").write_text(LEAKY)
     pytest = [sys.executable, "-m", "pytest", "-p", "leakcheck", "-p", "no:cacheprovider"]
-    result = subprocess.run(
-        [*pytest, "-q", "-rE", "--basetemp", str(tmp_path / "base"), "test_leaky.py"],
-        cwd=tmp_path,
-        env=child_environment({"PYTHONPATH": str(TESTS)}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    # A short base directory: a Unix socket path has room for about 100 bytes, and this
+    # test's own tmp_path is deep already under pytest-xdist.
+    base = tempfile.mkdtemp(prefix="leaky-")
+    try:
+        result = subprocess.run(
+            [*pytest, "-q", "-rE", "--basetemp", base, "test_leaky.py"],
+            cwd=tmp_path,
+            env=child_environment({"PYTHONPATH": str(TESTS)}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     out = result.stdout
     assert "7 passed, 5 errors" in out, out  # a leak is an error at its test's teardown
     for test, leak, line in [

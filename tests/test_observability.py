@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ServerProcess, address_of, closed_by_server, read_line
+from sockserve.metrics import MetricsServer
 
 StartServer = Callable[..., ServerProcess]
 
@@ -181,3 +183,28 @@ def test_metrics_are_summed_over_workers_and_count_restarts(
     assert values["sockserve_worker_restarts_total"] == 1
     # The dead worker's counted connections are still in the sum.
     assert values["sockserve_connections_total"] >= 20 - 10
+
+
+def test_a_failing_scrape_answers_500_and_logs_why(caplog: pytest.LogCaptureFixture) -> None:
+    def render() -> bytes:
+        raise OSError("the metrics directory is gone")
+
+    async def scrape_once(sock: socket.socket) -> bytes:
+        server = MetricsServer(sock, lambda: None, render)
+        server.start()
+        try:
+            reader, writer = await asyncio.open_connection(*sock.getsockname())
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await writer.wait_closed()
+            return answer
+        finally:
+            server.close()
+
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.setblocking(False)
+        answer = asyncio.run(scrape_once(sock))
+    assert answer.startswith(b"HTTP/1.1 500 "), answer
+    assert "rendering /metrics failed" in caplog.text
+    assert "the metrics directory is gone" in caplog.text

@@ -37,7 +37,7 @@ from sockserve.handler_sockets import (
     HandlerSSLSocket,
     set_kernel_timeouts,
 )
-from sockserve.lifecycle import age_jitter
+from sockserve.lifecycle import LINGER_TIMEOUT, age_jitter
 from sockserve.observability import format_peer
 from sockserve.ready_queue import HAVE_EPOLL, HOLD, RUN_SLOTS, Idle, ReadyQueue
 
@@ -51,8 +51,6 @@ __all__ = ["HOLD", "RUN_SLOTS", "BlockingPool", "ReadyQueue", "is_blocking_handl
 
 # At shutdown, how long handler threads still running may take to return.
 CLOSE_TIMEOUT = 5.0
-# A handler ended goodbye-first reads and drops its peer's last bytes this long at most.
-LINGER_TIMEOUT = 5.0
 
 logger = logging.getLogger("sockserve.blocking")
 

@@ -20,13 +20,14 @@ from sockserve.framing import (
     LineTooLong,
     ProtocolError,
 )
+from sockserve.lifecycle import LINGER_TIMEOUT
 
 if TYPE_CHECKING:
     from sockserve.lifecycle import ConnectionLedger
     from sockserve.proxy_protocol import ProxyHeader
     from sockserve.server import Server
 
-__all__ = ["LINGER_TIMEOUT", "MIN_READ_AHEAD", "READ_AHEAD", "WRITE_HIGH_WATER"]
+__all__ = ["MIN_READ_AHEAD", "READ_AHEAD", "WRITE_HIGH_WATER"]
 
 # A reader that is this far behind the peer stops reading from the socket until it
 # catches up (on top of the line limit, so one full line always fits). At most: with
@@ -37,9 +38,6 @@ MIN_READ_AHEAD = 4096
 # Above this many buffered outgoing bytes the peer counts as not reading: the server
 # stops reading from it (line handlers) or drain() waits (stream handlers).
 WRITE_HIGH_WATER = 256 * 1024
-# A connection ended goodbye-first whose peer does not close after our end of stream is
-# cut after this long.
-LINGER_TIMEOUT = 5.0
 
 # How far a connection is in being ended goodbye-first (stop, reload, max age).
 # ENDING: at the end of the current request; ENDED: saying goodbye; LINGERING: our end

@@ -25,13 +25,23 @@ from sockserve.settings import Settings
 if TYPE_CHECKING:
     from sockserve.connection import _Connection
 
-__all__ = ["FIRST_REQUEST_WAIT", "ConnectionLedger", "Connections", "RateLimitedLog", "age_jitter"]
+__all__ = [
+    "FIRST_REQUEST_WAIT",
+    "LINGER_TIMEOUT",
+    "ConnectionLedger",
+    "Connections",
+    "RateLimitedLog",
+    "age_jitter",
+]
 
 # Connection events (refusals, timeouts, handler errors) are the server's to report.
 logger = logging.getLogger("sockserve.server")
 
 
 LIMIT_LOG_INTERVAL = 10.0
+# A connection ended goodbye-first whose peer does not close after our end of stream is
+# cut after this long (a blocking handler reads and drops its last bytes this long).
+LINGER_TIMEOUT = 5.0
 # A connection ended goodbye-first (stop, reload) before its client sent anything gets
 # until it is this old to send its first request: its client connected in the same
 # instant as the stop, or was accepted from the backlog while stopping, and is about to

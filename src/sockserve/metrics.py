@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sockserve.settings import SettingsError, describe
+from sockserve import binding
+from sockserve.settings import Settings, SettingsError, describe
 
 if TYPE_CHECKING:
     from sockserve.binding import Listener
@@ -25,10 +26,19 @@ __all__ = [
     "MetricsEndpoint",
     "MetricsServer",
     "Stats",
+    "bind_metrics",
     "log_metrics_url",
 ]
 
 logger = logging.getLogger("sockserve.server")
+
+BACKLOG = 128
+
+
+def bind_metrics(settings: Settings) -> Listener:
+    """The metrics socket, bound before any privilege drop."""
+    assert settings.metrics is not None
+    return binding.bind(binding.parse_address(settings.metrics), backlog=BACKLOG)[0]
 
 
 class Stats:
@@ -395,6 +405,8 @@ class MetricsEndpoint(asyncio.Protocol):
 
     def _rendered(self, rendering: asyncio.Future[bytes]) -> None:
         if rendering.cancelled() or rendering.exception() is not None:
+            if not rendering.cancelled():
+                logger.error("rendering /metrics failed", exc_info=rendering.exception())
             self._respond(b"500 Internal Server Error", b"text/plain", b"metrics failed\n")
             return
         self._respond(b"200 OK", b"text/plain; version=0.0.4; charset=utf-8", rendering.result())

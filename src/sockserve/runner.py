@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from sockserve import binding, notify
 from sockserve.binding import Listener, bind_all
 from sockserve.kinds import HandlerKindError, kind_of
-from sockserve.metrics import Metrics
+from sockserve.metrics import Metrics, bind_metrics
 from sockserve.observability import configure_logging
 from sockserve.server import Server
 from sockserve.settings import Settings, SettingsError, describe
@@ -35,7 +35,6 @@ __all__ = [
     "Identity",
     "StartInterrupted",
     "StopError",
-    "bind_metrics",
     "check_handler_in_child",
     "check_kind",
     "default_signals",
@@ -54,7 +53,6 @@ __all__ = [
 logger = logging.getLogger("sockserve.runner")
 
 IMMEDIATE_STOP = 1.0  # after a second Ctrl-C, whatever still runs gets this long
-METRICS_BACKLOG = 128
 
 
 def new_event_loop(name: str) -> asyncio.AbstractEventLoop:
@@ -141,12 +139,6 @@ def load_tls(settings: Settings) -> ssl.SSLContext | None:
     from sockserve.tls import server_context
 
     return server_context(settings)
-
-
-def bind_metrics(settings: Settings) -> Listener:
-    """The metrics socket, bound before any privilege drop."""
-    assert settings.metrics is not None
-    return binding.bind(binding.parse_address(settings.metrics), backlog=METRICS_BACKLOG)[0]
 
 
 def check_kind(handler: type, listeners: Sequence[Listener]) -> None:

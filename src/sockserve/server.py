@@ -25,7 +25,7 @@ from sockserve.gate import Gate
 from sockserve.kinds import HandlerKindError, kind_of
 from sockserve.lifecycle import ConnectionLedger, Connections, age_jitter
 from sockserve.listeners import DatagramEndpoint, StreamListener
-from sockserve.metrics import Metrics, MetricsServer, log_metrics_url
+from sockserve.metrics import Metrics, MetricsServer, bind_metrics, log_metrics_url
 from sockserve.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -343,9 +343,7 @@ class Server:
             self.metrics = Metrics()
         metrics = self.metrics
         if self._metrics_listener is None:
-            assert self.settings.metrics is not None
-            address = binding.parse_address(self.settings.metrics)
-            self._metrics_listener = binding.bind(address, backlog=128)[0]
+            self._metrics_listener = bind_metrics(self.settings)
         if not self._metrics_listener.shared:  # a worker's: the supervisor said it
             log_metrics_url(self._metrics_listener)
         self._metrics_server = MetricsServer(

@@ -27,7 +27,7 @@ from typing import NoReturn
 from sockserve import binding, notify
 from sockserve.admission import Admission, AdmissionBroker, BrokerLink
 from sockserve.binding import Listener, addresses_of, bind_all
-from sockserve.metrics import Metrics, log_metrics_url
+from sockserve.metrics import Metrics, bind_metrics, log_metrics_url
 from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
 from sockserve.runner import (
     IMMEDIATE_STOP,
@@ -35,7 +35,6 @@ from sockserve.runner import (
     HandlerRef,
     Identity,
     StartInterrupted,
-    bind_metrics,
     check_handler_in_child,
     check_kind,
     load_before_drop,

@@ -144,7 +144,7 @@ class Worker:
         interval = heartbeat_interval(self.settings)
 
         def beat() -> None:
-            with contextlib.suppress(BlockingIOError):
+            with contextlib.suppress(OSError):  # full, or the supervisor is gone
                 os.write(self.beat_fd, BEAT)
             loop.call_later(interval, beat)
 

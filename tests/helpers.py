@@ -811,10 +811,18 @@ def drip(host: str, port: int, count: int, interval: float, duration: float) -> 
                 continue
             if peer.closed_after is None:
                 try:
-                    peer.sock.send(b"x")
-                    peer.last_byte = time.monotonic()
-                except OSError:
-                    pass  # the reset shows up as readable and is recorded there
+                    # A close that came in since the select is recorded here rather than
+                    # crossed by a byte sent after it (the close would then look early).
+                    gone = peer.sock.recv(1, socket.MSG_PEEK) == b""
+                except (BlockingIOError, ConnectionError):
+                    gone = False  # a reset shows up as readable and is recorded there
+                if gone:
+                    peer.closed_after = time.monotonic() - peer.last_byte
+                    selector.unregister(peer.sock)
+                else:
+                    with contextlib.suppress(OSError):
+                        peer.sock.send(b"x")
+                        peer.last_byte = time.monotonic()
             turn = (turn + 1) % count
     closed = [p.closed_after for p in peers if p.closed_after is not None]
     for peer in peers:

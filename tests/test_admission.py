@@ -78,16 +78,16 @@ def test_rate_histories_of_quiet_clients_are_dropped() -> None:
     assert len(admission) == 2
 
 
-def test_table_stays_bounded_with_a_million_ipv6_sources() -> None:
+def test_table_stays_bounded_with_twenty_times_its_bound_of_ipv6_sources() -> None:
     bound = 10_000
     admission = Admission(max_per_client=2, rate_per_client=1, max_rate_clients=bound)
     now = 0.0
     largest = 0
-    for i in range(1_000_000):
+    for i in range(20 * bound):
         address = (f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::1", 4000, 0, 0)
         assert admission.admit(address, now) is None
         admission.release(address)
-        now += 1e-7  # all within 0.1 s: no history refills, only the bound drops them
+        now += 5e-7  # all within 0.1 s: no history refills, only the bound drops them
         largest = max(largest, len(admission))
     assert largest <= bound
     # A client over its rate stays refused while the flood goes on: recently seen

@@ -113,13 +113,13 @@ def test_version_mismatch_is_refused(loop: str) -> None:
 
 
 def test_silent_peer_times_out_without_holding_up_others(loop: str) -> None:
-    with serving(Who, loop, proxy_protocol="v1", handshake_timeout=0.3) as server:
+    with serving(Who, loop, proxy_protocol="v1", handshake_timeout=2) as server:
         silent = [raw(server.address) for _ in range(20)]
         header = encode_v1(("203.0.113.8", 9), ("192.0.2.1", 2))
         started = time.monotonic()
         with raw(server.address, header + b"x\n") as sock:
             assert read_line(sock).startswith(b"203.0.113.8:9")
-        assert time.monotonic() - started < 0.25
+        assert time.monotonic() - started < 1.5  # not after the silent ones' 2 s
         for sock in silent:
             assert closed_by_server(sock)
             sock.close()
@@ -207,14 +207,14 @@ def test_plaintext_on_a_tls_port_is_closed_quietly(
 def test_silent_peers_do_not_hold_up_tls_handshakes(
     loop: str, ca: trustme.CA, certs: dict[str, str]
 ) -> None:
-    settings = {"tls_cert": certs["cert"], "tls_key": certs["key"], "handshake_timeout": 0.5}
+    settings = {"tls_cert": certs["cert"], "tls_key": certs["key"], "handshake_timeout": 2}
     with serving(Who, loop, **settings) as server:
         silent = [raw(server.address) for _ in range(50)]
         started = time.monotonic()
         with tls_connect(server.address, client_context(ca)) as sock:
             sock.sendall(b"x\n")
             assert read_line(sock).startswith(b"127.0.0.1")
-        assert time.monotonic() - started < 0.4
+        assert time.monotonic() - started < 1.5  # not after the silent ones' 2 s
         for peer in silent:
             assert closed_by_server(peer)
             peer.close()

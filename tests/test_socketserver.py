@@ -430,7 +430,7 @@ def test_shutdown_before_serve_forever() -> None:
         started = time.perf_counter()
         server.shutdown()  # nothing is serving: must not block
         server.serve_forever()  # the pending request makes it return at once
-        assert time.perf_counter() - started < 0.05
+        assert time.perf_counter() - started < 1
         for _ in range(2):  # and serving works again, more than once
             thread = threading.Thread(target=server.serve_forever)
             thread.start()
@@ -695,14 +695,15 @@ def test_forking_shutdown_is_fast_at_capacity() -> None:
         max_children = 1
 
     server = Server((HOST, 0), Hold)
-    thread = threading.Thread(target=server.serve_forever)
+    # The stdlib would take up to poll_interval to see the shutdown.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 30})
     thread.start()
     with socket.create_connection(server.server_address, TIMEOUT) as client:
         try:
             assert client.recv(10) == b"hi\n"
             started = time.perf_counter()
             server.shutdown()
-            assert time.perf_counter() - started < 0.05
+            assert time.perf_counter() - started < 5
         finally:
             server.shutdown()
             thread.join(TIMEOUT)
@@ -730,14 +731,15 @@ def test_accept_overload_backs_off_and_logs_once(
     server = Server((HOST, 0), UpperStream)
     # A pending connection keeps the listening socket readable the whole time.
     with socket.create_connection(server.server_address, timeout=TIMEOUT):
-        thread = threading.Thread(target=server.serve_forever)
+        # The stdlib would take up to poll_interval to see the shutdown.
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 30})
         thread.start()
         try:
             threading.Event().wait(0.5)
             seen = calls
             started = time.perf_counter()
             server.shutdown()
-            assert time.perf_counter() - started < 0.05
+            assert time.perf_counter() - started < 5
         finally:
             server.shutdown()
             thread.join(TIMEOUT)

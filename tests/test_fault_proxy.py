@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sockserve import LineHandler, StreamHandler
-from sockserve.runner import new_event_loop
+from sockserve.process import new_event_loop
 from sockserve.testing import FaultProxy, serve
 
 WAIT = 10.0  # bound on every wait for the server's report

@@ -20,7 +20,7 @@ import pytest
 from sockserve import DatagramHandler, LineHandler, MessageHandler, StreamHandler
 from sockserve import socketserver as sockserve_socketserver
 from sockserve.framing import LengthPrefixed
-from sockserve.runner import new_event_loop
+from sockserve.process import new_event_loop
 from sockserve.testing import Client, RunningServer, serve
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,7 +36,7 @@ from sockserve.framing import (
     Framing,
     ProtocolError,
 )
-from sockserve.runner import new_event_loop, raise_open_file_limit
+from sockserve.process import new_event_loop, raise_open_file_limit
 from sockserve.settings import SettingsError
 
 __all__ = ["LatencyHistogram", "add_arguments", "run"]

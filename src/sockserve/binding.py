@@ -7,6 +7,7 @@ listening sockets and closes whatever it opened if any step fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "TCPAddress",
     "UDPAddress",
     "UnixAddress",
+    "WorkerSockets",
     "addresses_of",
     "bind",
     "bind_all",
@@ -539,3 +541,56 @@ def bind_all(
             listener.close()
         raise
     return listeners
+
+
+class WorkerSockets:
+    """The sockets a supervisor's workers serve, bound once with the supervisor's rights:
+    ``shared`` ones every worker inherits and, with reuse-port, one socket per worker and
+    address, each joining the same SO_REUSEPORT group."""
+
+    def __init__(self, settings: Settings, owner: Owner | None) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.shared: list[Listener] = []  # inherited by every worker
+        self.reuse_addresses: list[Address] = []  # bound afresh for each worker
+        self.first_reuse: list[Listener] = []  # the first worker's, bound at start
+
+    @property
+    def bound(self) -> list[Listener]:
+        """What is bound now: the shared sockets and the first worker's own."""
+        return self.shared + self.first_reuse
+
+    def bind(self) -> None:
+        """Bind everything once; with reuse-port, note the real ports to bind per worker."""
+        addresses = addresses_of(self.settings)
+        if not self.settings.reuse_port:
+            self.shared = bind_all(self.settings, addresses, owner=self.owner)
+            return
+        try:
+            for address in addresses:
+                listeners = bind_all(self.settings, [address], owner=self.owner)
+                if isinstance(address, (TCPAddress, UDPAddress)):
+                    port = listeners[0].sock.getsockname()[1]
+                    self.reuse_addresses.append(dataclasses.replace(address, port=port))
+                    self.first_reuse.extend(listeners)
+                else:
+                    self.shared.extend(listeners)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for listener in self.bound:
+            listener.close()
+        self.shared = []
+        self.first_reuse = []
+
+    def for_worker(self) -> list[Listener]:
+        """Shared sockets, plus (with reuse-port) the next worker's own ones (bound here,
+        with the supervisor's rights, so each joins the same group)."""
+        if not self.settings.reuse_port:
+            return self.shared
+        if self.first_reuse:
+            first, self.first_reuse = self.first_reuse, []
+            return self.shared + first
+        return self.shared + bind_all(self.settings, self.reuse_addresses)

@@ -70,9 +70,10 @@ def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
 
 
 def _serve(handler: str | type, settings: Settings) -> int:
+    from sockserve.importer import HandlerImportError
     from sockserve.kinds import HandlerKindError
     from sockserve.observability import configure_logging
-    from sockserve.runner import HandlerImportError, StopError, serve
+    from sockserve.runner import StopError, serve
 
     configure_logging(settings.log_level, settings.log_format)
     for name, meant in unknown_env():

@@ -12,7 +12,6 @@ reload, and runs no handler code and reads nothing from peers. Workers take the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -22,27 +21,22 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import NoReturn
 
-from sockserve import binding, notify
+from sockserve import notify
 from sockserve.admission import Admission, AdmissionBroker, BrokerLink
-from sockserve.binding import Listener, addresses_of, bind_all
-from sockserve.metrics import Metrics, bind_metrics, log_metrics_url
-from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
-from sockserve.runner import (
-    IMMEDIATE_STOP,
-    SUPERVISOR_SIGNALS,
+from sockserve.binding import Listener, WorkerSockets
+from sockserve.importer import (
     HandlerRef,
-    Identity,
     StartInterrupted,
     check_handler_in_child,
     check_kind,
-    load_before_drop,
-    load_tls,
-    signal_name,
 )
+from sockserve.metrics import Metrics, bind_metrics, log_metrics_url
+from sockserve.process import SUPERVISOR_SIGNALS, Identity, signal_name
+from sockserve.reloader import SCAN_INTERVAL, SourceWatcher
+from sockserve.runner import IMMEDIATE_STOP, load_before_drop, load_tls
 from sockserve.settings import Settings, SettingsError
-from sockserve.worker import BEAT, BOOT_ERROR, FAILED, READY, Worker, heartbeat_interval
+from sockserve.worker import Worker, WorkerProcess, heartbeat_interval
 
 __all__ = ["Supervisor", "SupervisorError"]
 
@@ -55,23 +49,6 @@ ALONE_BACKOFF = 1.0  # ... but no longer than this while no other worker serves
 STOP_MARGIN = 5.0  # after the graceful timeout, workers get this long before SIGKILL
 RELOAD_TIMEOUT = 60.0  # new workers must all serve within this, or the reload is abandoned
 BOOT_FAILED = 2  # the exit status when the first workers cannot start
-
-
-@dataclass(eq=False)
-class _Child:
-    """The supervisor's record of one worker process."""
-
-    pid: int
-    slot: int  # which of the ``workers`` places it fills
-    generation: int  # a reload starts a new one
-    beat_fd: int  # the worker writes READY here once it serves, then a BEAT now and then
-    started: float
-    ready: bool = False
-    stopping: bool = False
-    last_beat: float = 0.0
-    kill_at: float = math.inf  # SIGKILL if still running then (after a stop request)
-    failure: str = ""  # why it could not start, in its own words
-    link: BrokerLink | None = None  # the worker asks the per-client table over this
 
 
 @dataclass
@@ -98,7 +75,7 @@ class Supervisor:
         self.settings = settings
         self.identity = Identity.of(settings)
         self.slots = [_Slot() for _ in range(settings.workers)]
-        self.children: dict[int, _Child] = {}
+        self.children: dict[int, WorkerProcess] = {}
         self.generation = 0  # the generation serving
         self._generations = 0
         self.reload_generation: int | None = None  # the one starting, during a reload
@@ -106,9 +83,7 @@ class Supervisor:
         self.reload_ssl: ssl.SSLContext | None = None
         self.reload_pending: str | None = None  # asked for while a reload was under way
         self.signals: list[int] = []
-        self.shared: list[Listener] = []  # inherited by every worker
-        self.reuse_addresses: list[binding.Address] = []  # bound afresh for each worker
-        self.first_reuse: list[Listener] = []  # the first worker's, bound at start
+        self.sockets = WorkerSockets(settings, self._owner)
         self.stopping = False
         self.booted = False
         self.exit_code = 0
@@ -128,47 +103,12 @@ class Supervisor:
     def _owner(self) -> tuple[int, int] | None:
         return self.identity.owner if self.identity else None
 
-    def _bind(self) -> None:
-        """Bind everything once; with reuse-port, note the real ports to bind per worker."""
-        addresses = addresses_of(self.settings)
-        if not self.settings.reuse_port:
-            self.shared = bind_all(self.settings, addresses, owner=self._owner)
-            return
-        try:
-            for address in addresses:
-                listeners = bind_all(self.settings, [address], owner=self._owner)
-                if isinstance(address, (binding.TCPAddress, binding.UDPAddress)):
-                    port = listeners[0].sock.getsockname()[1]
-                    self.reuse_addresses.append(dataclasses.replace(address, port=port))
-                    self.first_reuse.extend(listeners)
-                else:
-                    self.shared.extend(listeners)
-        except BaseException:
-            self._close_listeners()
-            raise
-
-    def _close_listeners(self) -> None:
-        for listener in self.shared + self.first_reuse:
-            listener.close()
-        self.shared = []
-        self.first_reuse = []
-
-    def _worker_listeners(self) -> list[Listener]:
-        """Shared sockets, plus (with reuse-port) this worker's own SO_REUSEPORT ones
-        (bound here, with the supervisor's rights, so each joins the same group)."""
-        if not self.settings.reuse_port:
-            return self.shared
-        if self.first_reuse:
-            first, self.first_reuse = self.first_reuse, []
-            return self.shared + first
-        return self.shared + bind_all(self.settings, self.reuse_addresses)
-
     def _prepare(self) -> None:
         """Everything before the first worker: TLS, sockets, the handler check, metrics."""
         self.ssl_context = load_tls(self.settings)
-        self._bind()
+        self.sockets.bind()
         try:
-            listeners = self.shared + self.first_reuse
+            listeners = self.sockets.bound
             if isinstance(self.handler, str):
                 files = check_handler_in_child(self.handler, self.identity, listeners)
             else:
@@ -182,7 +122,7 @@ class Supervisor:
                 self._start_metrics()
             load_before_drop(self.settings)
         except BaseException:
-            self._close_listeners()
+            self.sockets.close()
             raise
         for listener in listeners:
             logger.info("listening on %s", listener.describe())
@@ -231,7 +171,7 @@ class Supervisor:
             for fd in (self._alive_r, self._alive_w):
                 if fd >= 0:
                     os.close(fd)
-            self._close_listeners()
+            self.sockets.close()
             if self.metrics is not None:
                 self.metrics[1].close()
                 self.metrics[0].remove_files()
@@ -320,9 +260,9 @@ class Supervisor:
             )
             notify.notify("STOPPING=1")
             # Close our copies first: the last worker to drain its backlog closes the socket.
-            for listener in self.shared:
+            for listener in self.sockets.shared:
                 listener.refuse_new()
-            self._close_listeners()
+            self.sockets.close()
             for child in list(self.children.values()):
                 self._stop_child(child, signal.SIGTERM)
         elif signum == signal.SIGINT:
@@ -332,7 +272,7 @@ class Supervisor:
 
     # -- workers -------------------------------------------------------------------------
 
-    def _live(self) -> list[_Child]:
+    def _live(self) -> list[WorkerProcess]:
         return [c for c in self.children.values() if not c.stopping]
 
     def _spawn_missing(self) -> None:
@@ -364,9 +304,9 @@ class Supervisor:
         ssl_context = self.reload_ssl if generation == self.reload_generation else None
         ssl_context = ssl_context or self.ssl_context
         with contextlib.ExitStack() as undo:  # what was made, should a later step fail
-            listeners = self._worker_listeners()
+            listeners = self.sockets.for_worker()
             for listener in listeners:
-                if listener not in self.shared:  # with reuse-port: this worker's own
+                if listener not in self.sockets.shared:  # with reuse-port: this worker's own
                     undo.callback(listener.sock.close)
             beat_r, beat_w = os.pipe()
             undo.callback(os.close, beat_r)
@@ -376,30 +316,25 @@ class Supervisor:
                 link, child_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 undo.enter_context(link)
                 undo.enter_context(child_link)
-            # Signals wait until the child has its own handlers: one sent to the new pid
-            # at once must not run the supervisor's handler there (and be lost).
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self._handled)
-            try:
-                pid = os.fork()
-                if pid == 0:
-                    try:  # never back into the supervisor's loop: this is not the supervisor
-                        os.close(beat_r)
-                        if link is not None:
-                            link.close()
-                        self._become_worker(listeners, beat_w, ssl_context, blocked, child_link)
-                    except BaseException:
-                        logger.exception("worker %d could not start", os.getpid())
-                    finally:
-                        os._exit(BOOT_ERROR)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            worker = Worker(
+                self.handler,
+                self.settings,
+                listeners,
+                beat_fd=beat_w,
+                alive_fd=self._alive_r,
+                identity=self.identity,
+                ssl_context=ssl_context,
+                metrics=self.metrics,
+                admission_link=child_link,
+            )
+            pid = worker.start(self._handled, lambda: self._let_go(beat_r, link))
             undo.pop_all()
         os.close(beat_w)
         for listener in listeners:
-            if listener not in self.shared:
+            if listener not in self.sockets.shared:
                 listener.sock.close()
         now = time.monotonic()
-        child = _Child(pid, slot, generation, beat_r, now, last_beat=now)
+        child = WorkerProcess(pid, slot, generation, beat_r, now, last_beat=now)
         self.children[pid] = child
         self.selector.register(beat_r, selectors.EVENT_READ, child)
         if link is not None and child_link is not None and self.broker is not None:
@@ -407,32 +342,16 @@ class Supervisor:
             child.link = BrokerLink(link, pid, self.broker, self.selector)
         logger.info("started worker %d", pid)
 
-    def _become_worker(
-        self,
-        listeners: list[Listener],
-        beat_w: int,
-        ssl_context: ssl.SSLContext | None,
-        signal_mask: set[int | signal.Signals],
-        link: socket.socket | None,
-    ) -> NoReturn:
-        """In the child: let go of the supervisor's descriptors, then serve as a worker."""
-        worker = Worker(
-            self.handler,
-            self.settings,
-            listeners,
-            beat_fd=beat_w,
-            alive_fd=self._alive_r,
-            identity=self.identity,
-            ssl_context=ssl_context,
-            metrics=self.metrics,
-            admission_link=link,
-        )
-        worker.catch_signals()
-        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
+    def _let_go(self, beat_r: int, link: socket.socket | None) -> None:
+        """In a new worker: close what only the supervisor uses, its ends of this worker's
+        pipes included."""
+        os.close(beat_r)
+        if link is not None:
+            link.close()
         os.close(self._alive_w)
         self._wake_r.close()
         self._wake_w.close()
-        for listener in self.shared + ([self.metrics[1]] if self.metrics else []):
+        for listener in self.sockets.shared + ([self.metrics[1]] if self.metrics else []):
             listener.shared = True  # the supervisor serves it on after this worker stops
         for child in self.children.values():
             if child.beat_fd >= 0:
@@ -440,9 +359,8 @@ class Supervisor:
             if child.link is not None:  # not unregistered: the epoll is the supervisor's
                 child.link.sock.close()
         self.selector.close()
-        worker.run()
 
-    def _read_beats(self, child: _Child) -> None:
+    def _read_beats(self, child: WorkerProcess) -> None:
         """READY (or FAILED and why) first, then heartbeats; EOF once the worker is gone."""
         try:
             data = os.read(child.beat_fd, 4096)
@@ -450,32 +368,23 @@ class Supervisor:
             data = b""
         if not data:
             self._close_beats(child)
-            return
-        if not child.ready and not child.failure:
-            if data.startswith(FAILED):
-                child.failure = data[1:].decode(errors="replace").strip() or "no reason given"
-                return
-            if data.startswith(READY):
-                self._ready(child)
-        if data.strip(READY + BEAT):
-            return  # not a heartbeat: ignore it
-        child.last_beat = time.monotonic()
+        elif child.heard(data, time.monotonic()):
+            self._ready(child)
 
-    def _close_beats(self, child: _Child) -> None:
+    def _close_beats(self, child: WorkerProcess) -> None:
         if child.beat_fd >= 0:
             self.selector.unregister(child.beat_fd)
             os.close(child.beat_fd)
             child.beat_fd = -1
 
-    def _ready(self, child: _Child) -> None:
-        child.ready = True
+    def _ready(self, child: WorkerProcess) -> None:
         if not self.booted:
             self.booted = True
             notify.notify("READY=1", f"MAINPID={os.getpid()}")
         if self.reload_generation is not None:
             self._check_reload()
 
-    def _drop_link(self, worker: _Child) -> None:
+    def _drop_link(self, worker: WorkerProcess) -> None:
         """The worker exited: its connections are gone, and so is its share of the table."""
         if worker.link is not None:
             worker.link.close()
@@ -483,7 +392,7 @@ class Supervisor:
         if self.broker is not None:
             self.broker.worker_gone(worker.pid)
 
-    def _stop_child(self, child: _Child, signum: int, kill_at: float | None = None) -> None:
+    def _stop_child(self, child: WorkerProcess, signum: int, kill_at: float | None = None) -> None:
         """Ask ``child`` to stop; SIGKILL it if it still runs at ``kill_at``."""
         if kill_at is None:
             kill_at = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
@@ -512,7 +421,7 @@ class Supervisor:
                 self.metrics[0].worker_exited(pid)
             self._exited(child, os.waitstatus_to_exitcode(status))
 
-    def _exited(self, child: _Child, code: int) -> None:
+    def _exited(self, child: WorkerProcess, code: int) -> None:
         cause = f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}"
         if child.stopping:
             logger.info("worker %d stopped (%s)", child.pid, cause)
@@ -532,7 +441,7 @@ class Supervisor:
             return
         self._restart(child, cause)
 
-    def _restart(self, child: _Child, cause: str) -> None:
+    def _restart(self, child: WorkerProcess, cause: str) -> None:
         """Replace a worker that died, with back-off for its slot if it keeps dying."""
         self.restarts += 1
         if self.metrics is not None:

@@ -27,7 +27,7 @@ from sockserve.blocking import is_blocking_handler
 from sockserve.faultproxy import FaultProxy
 from sockserve.framing import Framing
 from sockserve.handlers import DatagramHandler
-from sockserve.runner import new_event_loop
+from sockserve.process import new_event_loop
 from sockserve.server import Server
 from sockserve.settings import Settings, SettingsError, describe
 from sockserve.testclient import DEFAULT_TIMEOUT, Client, DatagramClient

@@ -1,33 +1,31 @@
-"""A worker process: the child side of the supervisor's fork."""
+"""A worker process: the child side of the supervisor's fork, and the supervisor's record of it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 from sockserve.binding import Listener
+from sockserve.importer import HandlerImportError, HandlerRef, check_kind, load_handler_as
 from sockserve.kinds import HandlerKindError
 from sockserve.metrics import Metrics
-from sockserve.runner import (
-    HandlerImportError,
-    HandlerRef,
-    Identity,
-    StopError,
-    check_kind,
-    default_signals,
-    load_handler_as,
-    run_server,
-)
+from sockserve.process import Identity, default_signals
+from sockserve.runner import StopError, run_server
 from sockserve.settings import Settings
 
-__all__ = ["BOOT_ERROR", "HEARTBEAT", "Worker", "heartbeat_interval"]
+if TYPE_CHECKING:
+    from sockserve.admission import BrokerLink
+
+__all__ = ["BOOT_ERROR", "HEARTBEAT", "Worker", "WorkerProcess", "heartbeat_interval"]
 
 # A worker's own life (failed to start, orphaned) is the supervisor's concern: workers.
 logger = logging.getLogger("sockserve.supervisor")
@@ -43,6 +41,38 @@ MAX_REASON = 2000
 def heartbeat_interval(settings: Settings) -> float:
     """How often workers beat and the supervisor checks: several times per timeout."""
     return min(HEARTBEAT, settings.worker_timeout / 4)
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """The supervisor's record of one worker process, and the reading end of its beat
+    pipe (``Worker`` writes it)."""
+
+    pid: int
+    slot: int  # which of the ``workers`` places it fills
+    generation: int  # a reload starts a new one
+    beat_fd: int  # the worker writes READY here once it serves, then a BEAT now and then
+    started: float
+    ready: bool = False
+    stopping: bool = False
+    last_beat: float = 0.0
+    kill_at: float = math.inf  # SIGKILL if still running then (after a stop request)
+    failure: str = ""  # why it could not start, in its own words
+    link: BrokerLink | None = None  # the worker asks the per-client table over this
+
+    def heard(self, data: bytes, now: float) -> bool:
+        """Take what the worker wrote: READY (or FAILED and why) first, then heartbeats.
+        True when this made it ready."""
+        ready = False
+        if not self.ready and not self.failure:
+            if data.startswith(FAILED):
+                self.failure = data[1:].decode(errors="replace").strip() or "no reason given"
+                return False
+            if data.startswith(READY):
+                self.ready = ready = True
+        if not data.strip(READY + BEAT):  # anything else is not a heartbeat
+            self.last_beat = now
+        return ready
 
 
 class Worker:
@@ -78,6 +108,28 @@ class Worker:
         self.metrics = metrics
         self.ready = False
         self.early_signals: list[int] = []  # TERM/INT that came before the loop took over
+
+    def start(self, blocked: Iterable[signal.Signals], let_go: Callable[[], None]) -> int:
+        """Fork the worker's process and return its pid. The ``blocked`` signals wait
+        until the child has its own handlers: one sent to the new pid at once must not run
+        the parent's handler there (and be lost). In the child, ``let_go`` closes the
+        parent's descriptors first; the child never returns."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:  # never back into the parent's loop: this is not the supervisor
+                    let_go()
+                    self.catch_signals()
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    self.run()
+                except BaseException:
+                    logger.exception("worker %d could not start", os.getpid())
+                finally:
+                    os._exit(BOOT_ERROR)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return pid
 
     def catch_signals(self) -> None:
         """First thing in the child: TERM and INT are noted (a worker stopped while it

@@ -87,6 +87,10 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sockets: set[socket.socket] = set()
         self._resumed: asyncio.Event | None = None
+        # connect()'s clients by address while their connect() runs; the proxy's thread
+        # holds each one accepted meanwhile until _release (a future per address).
+        self._connecting: set[tuple[str, int]] = set()
+        self._held: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sockserve-faultproxy", daemon=True)
         self._thread.start()
@@ -117,9 +121,24 @@ class FaultProxy:
 
     def connect(self, *, timeout: float | None = None, framing: Framing | None = None) -> Client:
         """A client connected through the proxy (``framing`` as for ``Client``); closed
-        with the proxy if not before."""
+        with the proxy if not before. The proxy connects to the server only after this
+        returns: a server that fails at once shows on the client's first read, never as
+        connect() raising ConnectionResetError (which a reset winning the race did)."""
         timeout = self.timeout if timeout is None else timeout
-        sock = socket.create_connection(self.address, timeout=timeout)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.bind(("127.0.0.1", 0))  # its address, for the proxy to know it by
+            local: tuple[str, int] = sock.getsockname()
+            self._connecting.add(local)
+            try:
+                sock.connect(self.address)
+            finally:
+                if not self._loop.is_closed():
+                    self._loop.call_soon_threadsafe(self._release, local)
+        except BaseException:
+            sock.close()
+            raise
         client = Client(sock, timeout, url=self.url, framing=framing)
         self._clients.append(client)
         return client
@@ -141,6 +160,12 @@ class FaultProxy:
             self._resumed.set()
         else:
             self._resumed.clear()
+
+    def _release(self, address: tuple[str, int]) -> None:
+        """connect() returned for ``address``: relay its connection if it is held."""
+        self._connecting.discard(address)
+        if (held := self._held.pop(address, None)) is not None and not held.done():
+            held.set_result(None)
 
     def _run(self) -> None:
         loop = self._loop
@@ -171,6 +196,8 @@ class FaultProxy:
             return
         client.setblocking(False)
         self._sockets.add(client)
+        if address in self._connecting:
+            self._held[address] = self._loop.create_future()
         task = self._loop.create_task(self._relay(client, address))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -187,6 +214,8 @@ class FaultProxy:
 
     async def _relay(self, client: socket.socket, address: tuple[str, int]) -> None:
         loop = self._loop
+        if (held := self._held.get(address)) is not None:
+            await held
         if isinstance(self.target, str):
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         else:

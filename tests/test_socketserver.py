@@ -307,11 +307,14 @@ def test_threading_hook_order() -> None:
     server = Server((HOST, 0), RecordingHandler)
     with serving(server):
         assert stream_roundtrip(socket.AF_INET, server.server_address) == b"HELLO\n"
-    hooks = [c for c in server.calls if c != "service_actions"]
+    # server_close is recorded as it is entered; the handler thread may still be ending
+    # then, but server_close joins it before returning, so its last hooks are in by now.
+    hooks = [c for c in server.calls if c not in ("service_actions", "server_close")]
+    assert server.calls.count("server_close") == 1
     assert hooks[2:4] == ["get_request", "verify_request"]
     # ThreadingMixIn.process_request comes first in the MRO and starts the thread.
     assert hooks[4:7] == ["process_request_thread", "finish_request", "setup"]
-    assert hooks[-3:] == ["shutdown_request", "close_request", "server_close"]
+    assert hooks[-2:] == ["shutdown_request", "close_request"]
 
 
 def test_verify_request_false_closes_without_handling() -> None:

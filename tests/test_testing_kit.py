@@ -302,6 +302,7 @@ def pip(*args: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.timeout(300)  # builds a wheel and installs pytest: slow on a loaded machine
 def test_plugin_works_after_pip_install_into_a_fresh_venv(tmp_path: Path) -> None:
     """Build the wheel, install it and pytest into a new venv, run a user's test file."""
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside it

@@ -99,7 +99,9 @@ def test_slowloris_drippers_do_not_slow_a_normal_client(start_server: StartServe
     )
     assert result["closed"] == 0  # the default idle timeout is 300 s
     assert held >= DRIPPERS
-    assert p99_loaded <= max(5 * p99_base, p99_base + 0.020)
+    # A loop stalled by the drippers shows as hundreds of ms; the slack is the noise of a
+    # loaded machine, where the test's own client also waits for the CPU.
+    assert p99_loaded <= max(5 * p99_base, p99_base + 0.050)
 
 
 def test_slowloris_drippers_are_closed_at_the_idle_timeout(start_server: StartServer) -> None:
@@ -108,7 +110,10 @@ def test_slowloris_drippers_are_closed_at_the_idle_timeout(start_server: StartSe
     idle = 0.5
     server = start_server(["demo", "--bind", "127.0.0.1:0", "--idle-timeout", str(idle)])
     address = address_of(server.urls[0])
-    drippers = start_drippers(address, DRIPPERS, interval=1.0, duration=3.0)
+    # Each peer's next byte comes well after its close is due: a server running late
+    # judges by the bytes it has read, and a byte still in its socket buffer when it
+    # closes would make that close look early from here.
+    drippers = start_drippers(address, DRIPPERS, interval=2.5, duration=3.0)
     result = drippers.finish(timeout=30)
     after = result["closed_after"]
     report(

@@ -261,7 +261,9 @@ class ReadyQueue:
                         waiter.pending = True
                 wake = self._dispatch()
                 self._take(wake, me)
-                mine = me.slot  # granted now, or by a thread that kicked us
+                # Granted now, or by a thread that kicked us: dispatched, so RUNNING. Not
+                # me.slot: the monitor may have taken the slot back before we looked.
+                mine = me.state == _RUNNING
                 if me.state == _LEADING_QUEUED:
                     deadline = None  # our input is here: not idle, wait for the slot
                 timed_out = (

@@ -7,7 +7,8 @@ period. With ``--framing`` (``u32``, ``netstring``, ...) each input line is sent
 message and each reply message is printed on a line, escaped where not printable.
 Empty lines are never sent, a closed or unreachable server is one clear line on
 stderr (noticed at once even while the interactive client waits for input), and end of
-input (Ctrl-D) ends the session cleanly. With ``--tls``, ``--tls-cert``/``--tls-key``
+input (Ctrl-D) ends the session cleanly: every reply still on its way is printed first
+(see ``Session.finish``). With ``--tls``, ``--tls-cert``/``--tls-key``
 present a client certificate (mutual TLS), and a TLS failure says what it was: a
 handshake the server refused, a client certificate it requires, a plaintext server.
 """
@@ -58,7 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Send each input line to ADDRESS and print each reply. Interactive (with a "
         "'> ' prompt and line editing) when stdin is a terminal; with piped input it "
-        "sends every line, prints every reply and exits at end of input. Empty lines "
+        "sends every line, prints every reply and exits at end of input, once the replies "
+        "still on their way are printed (it ends its sending half and reads until the "
+        "server closes, each wait up to --timeout; over TLS until --quiet-time passes "
+        "without bytes). Empty lines "
         "are not sent. A line that gets no reply within --timeout seconds is reported "
         "on stderr and the client goes on with the next line, but then exits with "
         "status 1. Exit status: 0 at end of input (Ctrl-D), 1 when the server closed "
@@ -225,6 +229,13 @@ class Session:
             self.unanswered += 1
             _note(f"no reply within {self.timeout:g} s")
             return
+        self._print_text(chunk, self.quiet_time, one_reply=True)
+        if self.closed:
+            raise self.closed_by_server()
+
+    def _print_text(self, chunk: bytes | None, wait: float, one_reply: bool) -> None:
+        """Print ``chunk`` and what follows until ``wait`` s pass without bytes or the
+        server closes; with ``one_reply``, also stop after a chunk that ends a line."""
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         last = ""
         while chunk:
@@ -232,16 +243,41 @@ class Session:
             if text := decoder.decode(chunk):
                 _write(text)
                 last = text
-            if chunk.endswith(b"\n") or self.datagram:
+            if one_reply and (chunk.endswith(b"\n") or self.datagram):
                 break
-            chunk = self._recv(self.quiet_time)
+            chunk = self._recv(wait)
         if text := decoder.decode(b"", final=True):
             _write(text)
             last = text
         if last and not last.endswith("\n"):
             _write("\n")
-        if self.closed:
-            raise self.closed_by_server()
+
+    def finish(self) -> None:
+        """At end of input: print every reply still on its way, then let the session end.
+
+        A reply is only known to be whole by its newline, message or a quiet period, so
+        the last one (or a server's unasked message taken for a reply) may still be on its
+        way. Over a plain stream we end our half of it (shutdown SHUT_WR): the server
+        answers what it was sent and closes, and we print everything until it does, each
+        wait up to --timeout. Python's TLS cannot end one half (sending close_notify waits
+        for the server's), so over TLS we print until --quiet-time passes without bytes.
+        """
+        if self.datagram:
+            return
+        with self.lock:
+            wait = self.quiet_time if self.tls else self.timeout
+            if not self.tls:
+                with contextlib.suppress(OSError):  # the server may be gone already
+                    self.sock.shutdown(socket.SHUT_WR)
+            if not self._drain(wait) and not self.tls:
+                _note(f"server did not close the connection within {wait:g} s of end of input")
+
+    def _drain(self, wait: float) -> bool:
+        """Print what the server sends until it closes (True) or is quiet for ``wait`` s."""
+        chunk = self._recv(wait)
+        if chunk:
+            self._print_text(chunk, wait, one_reply=False)
+        return self.closed
 
 
 class FramedSession(Session):
@@ -293,6 +329,20 @@ class FramedSession(Session):
             self._print_messages()
         if self.closed:
             raise self.closed_by_server()
+
+    def _drain(self, wait: float) -> bool:
+        while chunk := self._recv(wait):
+            self.framer.feed(chunk)
+            self._print_messages()
+        if not self.closed:
+            return False
+        try:
+            last = self.framer.end()
+        except ProtocolError as exc:  # the server closed inside a message
+            raise ServerGone(f"bad reply from {self.url}: {exc}") from None
+        if last is not None:
+            _write(escape(last) + "\n")
+        return True
 
     def receive(self) -> None:
         """Print one reply message (and any that came with it)."""
@@ -471,6 +521,7 @@ def run(args: argparse.Namespace) -> int:
                     session.send(line)
                 except ValueError as exc:  # the framing cannot carry this line
                     _note(f"not sent: {exc}")
+            session.finish()
     except ServerGone as exc:
         _note(str(exc))
         return 1

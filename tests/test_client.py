@@ -107,7 +107,8 @@ def test_tutorial_server_replies_without_newline() -> None:
 
 def test_reply_in_pieces_is_one_reply() -> None:
     with tcp_server(SlowTwoParts) as address:
-        result = client(address, b"a\nb\n")
+        # The quiet period only bounds the wait: the reply still ends at its newline.
+        result = client(address, b"a\nb\n", "--quiet-time", "10")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "PART-A\nPART-B\n"
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, settings
 
 from helpers import (
     LOOPS,
@@ -32,6 +33,11 @@ from leakcheck import (
 # is reset to the default in each child at exec.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Hypothesis checks what its examples do, not how fast: on a loaded machine (or under
+# coverage, with four test processes on two cores) an example may take seconds.
+settings.register_profile("sockserve", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("sockserve")
 
 # The leak check's hooks, imported to run for every test of the suite.
 __all__ = [

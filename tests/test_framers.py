@@ -94,7 +94,7 @@ def valid_stream(framing: Framing, payloads: list[bytes]) -> tuple[list[bytes], 
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True)
 @given(payloads=st.lists(payload, max_size=6), cuts=st.lists(st.integers(0, 80), max_size=8))
 def test_encoded_messages_come_back_at_any_split(
     framing: Framing, payloads: list[bytes], cuts: list[int]
@@ -104,7 +104,7 @@ def test_encoded_messages_come_back_at_any_split(
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
-@settings(max_examples=80, derandomize=True, deadline=None)
+@settings(max_examples=80, derandomize=True)
 @given(data=noise)
 def test_every_split_point_gives_the_same_outcome(framing: Framing, data: bytes) -> None:
     """Messages, error and leftover are the same whole, cut at any one byte, or dripped."""
@@ -115,7 +115,7 @@ def test_every_split_point_gives_the_same_outcome(framing: Framing, data: bytes)
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True)
 @given(data=noise, cuts=st.lists(st.integers(0, 60), max_size=10))
 def test_any_chunking_gives_the_same_outcome(
     framing: Framing, data: bytes, cuts: list[int]
@@ -124,7 +124,7 @@ def test_any_chunking_gives_the_same_outcome(
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True)
 @given(payloads=st.lists(payload, max_size=5), tail=noise)
 def test_unfinished_is_what_follows_the_complete_messages(
     framing: Framing, payloads: list[bytes], tail: bytes
@@ -148,7 +148,7 @@ def test_unfinished_is_what_follows_the_complete_messages(
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True)
 @given(payloads=st.lists(payload, max_size=4), tail=noise)
 def test_raw_reads_share_the_buffer(framing: Framing, payloads: list[bytes], tail: bytes) -> None:
     """Messages, then raw bytes: ``read``, ``read_exactly`` and ``take_buffer`` see the rest."""
@@ -397,7 +397,7 @@ def stream_reads(data: list[bytes], script: list[Read]) -> list[object]:
     return got
 
 
-@settings(max_examples=150, derandomize=True, deadline=None)
+@settings(max_examples=150, derandomize=True)
 @given(data=noise, script=reads)
 def test_stream_reads_at_every_split_point(data: bytes, script: list[Read]) -> None:
     """The stream handler's reads through the framers give the same at any split."""
@@ -421,7 +421,7 @@ def run_checked(framer: Framer, parts: list[bytes], take: int) -> type[ProtocolE
 
 
 @pytest.mark.parametrize("framing", FRAMINGS, ids=IDS)
-@settings(max_examples=60, derandomize=True, deadline=None)
+@settings(max_examples=60, derandomize=True)
 @given(data=noise, cuts=st.lists(st.integers(0, 60), max_size=6), take=st.integers(0, 3))
 def test_check_raises_only_what_reading_on_would_raise(
     framing: Framing, data: bytes, cuts: list[int], take: int

@@ -21,7 +21,7 @@ def attached(**settings: object) -> LineHandler:
     """A line handler set up as the server sets it up, with no transport (none is used)."""
     conn = LineHandler()
     ledger = ConnectionLedger(Settings(**settings), lambda: None)  # type: ignore[arg-type]
-    conn._attach(None, ledger, ("127.0.0.1", 4000), "tcp://127.0.0.1:1")  # type: ignore[arg-type]
+    conn._attach(ledger, ("127.0.0.1", 4000), "tcp://127.0.0.1:1")
     return conn
 
 

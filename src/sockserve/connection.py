@@ -58,8 +58,6 @@ class _Connection(asyncio.Protocol):
         "_idle_since",
         "_ledger",
         "_line_seen",
-        "_linger_timer",
-        "_max_line",
         "_opened",
         "_reading_paused",
         "_seen_in",
@@ -71,10 +69,8 @@ class _Connection(asyncio.Protocol):
         "client_address",
         "listener",
         "proxy",
-        "server",
     )
 
-    server: Server
     client_address: Any
     listener: str
     proxy: ProxyHeader | None
@@ -82,7 +78,6 @@ class _Connection(asyncio.Protocol):
     bytes_in: int
     bytes_out: int
     _transport: asyncio.Transport
-    _max_line: int
     _close_reason: str | None
     _closed: bool
     _eof: bool  # the peer has finished sending
@@ -92,23 +87,18 @@ class _Connection(asyncio.Protocol):
     _ending: int  # _SERVING, _ENDING or _ENDED
     _opened: float
     _idle_since: float | None  # when the idle sweep last saw bytes move
-    _linger_timer: asyncio.TimerHandle | None  # cuts a lingering close short
     _seen_in: int
     _seen_out: int
     # Where in the stream the unfinished line the sweep saw begins, and when it first saw it.
     _line_seen: tuple[int, float] | None
 
-    def _attach(
-        self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
-    ) -> None:
+    def _attach(self, ledger: ConnectionLedger, client_address: Any, listener: str) -> None:
         """Set every field before the transport exists (slots have no defaults)."""
-        self.server = server
         self._ledger = ledger
         self.client_address = client_address
         self.listener = listener
         self.proxy = None
         self.bytes_in = self.bytes_out = self._seen_in = self._seen_out = 0
-        self._max_line = ledger.settings.max_line
         self._close_reason = None
         self._closed = self._eof = self._reading_paused = self._writing_paused = False
         self._drain_waiter = None
@@ -116,7 +106,11 @@ class _Connection(asyncio.Protocol):
         self._opened = 0.0
         self._idle_since = None
         self._line_seen = None
-        self._linger_timer = None
+
+    @property
+    def server(self) -> Server:
+        """The server this connection belongs to (``self.server`` of socketserver)."""
+        return self._ledger.server
 
     # socketserver-style hooks
     def setup(self) -> Any:
@@ -269,11 +263,6 @@ class _Connection(asyncio.Protocol):
         transport.set_protocol(_Lingering(self))
         transport.write_eof()
         transport.resume_reading()
-        self._linger_timer = self._ledger.loop.call_later(LINGER_TIMEOUT, self._cut_lingering)
-
-    def _cut_lingering(self) -> None:
-        if not self._closed:
-            self._transport.abort()
 
     def _set_reason(self, reason: str) -> None:
         if self._close_reason is None:
@@ -349,9 +338,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self._linger_timer is not None:  # else it keeps this object for LINGER_TIMEOUT
-            self._linger_timer.cancel()
-            self._linger_timer = None
         if not self._transport.is_closing():
             # Python 3.10's TLS transport is not marked closed when the peer ends the
             # connection and warns when collected; closing it here is a no-op elsewhere.
@@ -402,10 +388,16 @@ class _Connection(asyncio.Protocol):
 
 
 class _Lingering(asyncio.Protocol):
-    """A closing connection's last protocol: discards what the peer still sends."""
+    """A closing connection's last protocol: discards what the peer still sends, and
+    cuts the connection after LINGER_TIMEOUT if the peer does not close it."""
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
+        self.timer = conn._ledger.loop.call_later(LINGER_TIMEOUT, self._cut)
+
+    def _cut(self) -> None:
+        if not self.conn._closed:
+            self.conn._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         pass
@@ -414,4 +406,5 @@ class _Lingering(asyncio.Protocol):
         return False  # the peer has finished too: close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()  # else it keeps the connection for LINGER_TIMEOUT
         self.conn.connection_lost(exc)

@@ -78,10 +78,8 @@ class MessageHandler(_Connection):
     def _handler(cls) -> Callable[[Any, bytes], Any]:
         return cls.handle_message
 
-    def _attach(
-        self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
-    ) -> None:
-        super()._attach(server, ledger, client_address, listener)
+    def _attach(self, ledger: ConnectionLedger, client_address: Any, listener: str) -> None:
+        super()._attach(ledger, client_address, listener)
         self._fast = not self._async
         self._framer = None
         self._task = None
@@ -382,7 +380,7 @@ class LineHandler(MessageHandler):
         self.write(reply)
 
     def _new_framer(self) -> Framer:
-        return LineFramer(self._max_line)
+        return LineFramer(self._ledger.max_line)
 
     def _waiting_for(self) -> str:
         return "line"
@@ -393,7 +391,7 @@ class LineHandler(MessageHandler):
         # for request/response traffic. Same outcome as the framer, without its calls.
         if self._fast:
             end = data.find(b"\n")
-            if end == len(data) - 1 and end < self._max_line:
+            if end == len(data) - 1 and end < self._ledger.max_line:
                 try:
                     reply = self.handle_line(data)
                 except Exception as exc:

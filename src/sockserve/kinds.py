@@ -127,7 +127,7 @@ class _AsyncKind(HandlerKind):
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handler = self.handler_class()
-        handler._attach(self.server, self.ledger, address, listener.url)
+        handler._attach(self.ledger, address, listener.url)
         handler.proxy = proxy
         self.ledger.spawn(self._connect(conn, handler, context, handshake_timeout))
 
@@ -172,7 +172,7 @@ class LineKind(_AsyncKind):
 
     def datagram_answer(self, endpoint: DatagramEndpoint) -> DatagramAnswer:
         handler = self.handler_class()
-        handler._attach(self.server, self.ledger, None, endpoint.listener.url)
+        handler._attach(self.ledger, None, endpoint.listener.url)
 
         def answer(data: bytes, address: Any) -> Any:
             handler.client_address = address

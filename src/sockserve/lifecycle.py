@@ -24,6 +24,7 @@ from sockserve.settings import Settings
 
 if TYPE_CHECKING:
     from sockserve.connection import _Connection
+    from sockserve.server import Server
 
 __all__ = [
     "FIRST_REQUEST_WAIT",
@@ -101,9 +102,11 @@ class ConnectionLedger:
     """
 
     loop: asyncio.AbstractEventLoop
+    server: Server  # what handlers see as ``self.server``
 
     def __init__(self, settings: Settings, capacity_changed: Callable[[], None]) -> None:
         self.settings = settings
+        self.max_line = settings.max_line
         self.capacity_changed = capacity_changed
         self.max_connections = settings.max_connections
         self.access_log = settings.access_log

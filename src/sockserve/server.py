@@ -73,6 +73,7 @@ class Server:
         self.handler_class = handler
         self.RequestHandlerClass = handler  # what socketserver handlers may look for
         self.ledger = ConnectionLedger(self.settings, self._update_accepting)
+        self.ledger.server = self
         self._connections_view = Connections(self.ledger.connections)
         self.stats = self.ledger.stats
         self.kind = kind(self)

@@ -19,7 +19,6 @@ from sockserve.framing import (
 
 if TYPE_CHECKING:
     from sockserve.lifecycle import ConnectionLedger
-    from sockserve.server import Server
 
 __all__ = ["StreamHandler"]
 
@@ -86,10 +85,8 @@ class StreamHandler(_Connection):
             inspect.iscoroutinefunction(cls.setup) or inspect.iscoroutinefunction(cls.finish)
         )
 
-    def _attach(
-        self, server: Server, ledger: ConnectionLedger, client_address: Any, listener: str
-    ) -> None:
-        super()._attach(server, ledger, client_address, listener)
+    def _attach(self, ledger: ConnectionLedger, client_address: Any, listener: str) -> None:
+        super()._attach(ledger, client_address, listener)
         self._messages = False
         self._waiter = self._task = self._framer = None
         self._want = _LINE
@@ -205,7 +202,7 @@ class StreamHandler(_Connection):
             if waiter is not None and self._want == _LINE:
                 # Fast path: a readline is waiting and this chunk is exactly one line.
                 end = data.find(b"\n")
-                if end == len(data) - 1 and end < self._max_line and not waiter.done():
+                if end == len(data) - 1 and end < self._ledger.max_line and not waiter.done():
                     self._waiter = None
                     waiter.set_result(data)
                     return
@@ -214,7 +211,7 @@ class StreamHandler(_Connection):
         if waiter is not None:
             self._fulfil()
         framer = self._framer
-        limit = self._ledger.read_ahead + self._max_line
+        limit = self._ledger.read_ahead + self._ledger.max_line
         if not self._reading_paused and framer and framer.buffered > limit:
             self._set_reading(False)
 
@@ -252,7 +249,7 @@ class StreamHandler(_Connection):
         framer = self._framer
         if framer is not None and self._messages == messages:
             return framer
-        new = self.framing.framer() if messages else LineFramer(self._max_line)
+        new = self.framing.framer() if messages else LineFramer(self._ledger.max_line)
         if framer is not None:
             new.feed(framer.take_buffer())
         self._framer, self._messages = new, messages

@@ -8,6 +8,7 @@ listed in ``KINDS``.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import copy
@@ -15,7 +16,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from sockserve.blocking import BlockingPool, is_blocking_handler
 from sockserve.connection import _Connection
@@ -109,6 +110,26 @@ class HandlerKind:
         """Wait (bounded) for what the kind runs outside the event loop."""
 
 
+class _HandedToLibuv(_socket.socket):
+    """An accepted socket given to uvloop: 64 bytes a connection instead of a
+    socket.socket's 96, for uvloop keeps the object as long as the connection.
+
+    Once libuv has closed the descriptor, uvloop calls ``detach()`` on a socket.socket
+    and ``close()`` on anything else: here ``close()`` does what ``detach()`` does, so the
+    number, perhaps already another file's, is never closed twice. ``discard()`` closes
+    a descriptor uvloop never took. Plaintext only: a failed TLS connection's transport
+    closes after ``_connect`` gives up, while a socket.socket's close() waits for it.
+    """
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        self.detach()
+
+    def discard(self) -> None:
+        _socket.socket.close(self)  # a no-op once uvloop has let go
+
+
 class _AsyncKind(HandlerKind):
     """Line and stream handlers: the handler object is the connection's Protocol."""
 
@@ -129,22 +150,26 @@ class _AsyncKind(HandlerKind):
         handler = self.handler_class()
         handler._attach(self.ledger, address, listener.url)
         handler.proxy = proxy
-        self.ledger.spawn(self._connect(conn, handler, context, handshake_timeout))
+        sock: socket.socket | _HandedToLibuv = conn
+        if context is None and type(self.ledger.loop).__module__.startswith("uvloop"):
+            sock = _HandedToLibuv(conn.family, conn.type, conn.proto, conn.detach())
+        self.ledger.spawn(self._connect(sock, handler, context, handshake_timeout))
 
     async def _connect(
         self,
-        conn: socket.socket,
+        conn: socket.socket | _HandedToLibuv,
         handler: _Connection,
         context: ssl.SSLContext | None,
         timeout: float,
     ) -> None:
         loop = self.ledger.loop
+        sock = cast(socket.socket, conn)  # uvloop asks only what both have
         try:
             if context is None:
-                await loop.connect_accepted_socket(lambda: handler, conn)
+                await loop.connect_accepted_socket(lambda: handler, sock)
             else:
                 await loop.connect_accepted_socket(
-                    lambda: handler, conn, ssl=context, ssl_handshake_timeout=timeout
+                    lambda: handler, sock, ssl=context, ssl_handshake_timeout=timeout
                 )
         except Exception as exc:
             # Failed handshake, plaintext on a TLS port, a peer gone before we started; or
@@ -155,12 +180,20 @@ class _AsyncKind(HandlerKind):
             why = str(exc) or type(exc).__name__  # a bare TimeoutError says nothing
             ledger.reject_log("%s for %s: %s", reason, handler.client_address, why)
             with contextlib.suppress(OSError):
-                conn.close()
+                _discard(conn)
             if handler not in ledger.connections:  # else connection_lost accounts for it
                 ledger.closed(handler.client_address, handler.listener, 0.0, 0, 0, reason)
         except asyncio.CancelledError:  # stopping before the connection was set up
-            conn.close()
+            _discard(conn)
             raise
+
+
+def _discard(conn: socket.socket | _HandedToLibuv) -> None:
+    """Close an accepted socket the transport did not take (or has let go of)."""
+    if isinstance(conn, _HandedToLibuv):
+        conn.discard()
+    else:
+        conn.close()
 
 
 class LineKind(_AsyncKind):

@@ -785,9 +785,12 @@ def drip(host: str, port: int, count: int, interval: float, duration: float) -> 
     raise_nofile()
     peers: list[_Drip] = []
     for _ in range(count):
+        # The server's idle clock may start when it accepts, before the first byte is
+        # sent (this process can be descheduled in between), so silence counts from here.
+        connecting = time.monotonic()
         sock = socket.create_connection((host, port), timeout=5)
         sock.send(b"x")
-        peers.append(_Drip(sock, time.monotonic()))
+        peers.append(_Drip(sock, connecting))
     print(f"connected {count}", flush=True)
     with selectors.DefaultSelector() as selector:
         for peer in peers:

@@ -42,8 +42,8 @@ TESTS = Path(__file__).resolve().parent
 LOOPS = ["asyncio", "uvloop"]
 REQUIRE_ALL = os.environ.get("SOCKSERVE_REQUIRE_ALL") == "1"
 # Programs the tests act as if not installed: a newcomer's machine, on one that has them.
-# Taken out of the environment: servers warn about SOCKSERVE_ names that are not settings.
-HIDDEN_PROGRAMS = set(os.environ.pop("SOCKSERVE_TEST_HIDE", "").replace(",", " ").split())
+# Left in the environment for the test processes pytest-xdist starts.
+HIDDEN_PROGRAMS = set(os.environ.get("SOCKSERVE_TEST_HIDE", "").replace(",", " ").split())
 # A bound socket's line, in text or JSON logs (not the "metrics listening on" line).
 LISTENING = re.compile(r"(?<!metrics )listening on ([^\s\"]+)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

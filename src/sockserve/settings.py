@@ -376,8 +376,8 @@ def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return found
 
 
-# SOCKSERVE_* variables that are not settings: the test suite's switch.
-OTHER_ENV = frozenset({"SOCKSERVE_REQUIRE_ALL"})
+# SOCKSERVE_* variables that are not settings: the test suite's switches.
+OTHER_ENV = frozenset({"SOCKSERVE_REQUIRE_ALL", "SOCKSERVE_TEST_HIDE"})
 
 
 def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:

@@ -1,8 +1,11 @@
 """Instructions per request on the fast path of the line handler and of a u32
-length-prefixed message handler: each is fed 64-byte requests through data_received
-with a stub transport and an uppercasing handler, under valgrind's callgrind (counts do
-not depend on the machine's load). The figure is the difference between a run of
-21,000 requests and one of 1,000, divided by 20,000, with PYTHONHASHSEED=0.
+length-prefixed message handler, with an uppercasing handler, under valgrind's callgrind
+(counts do not depend on the machine's load): fed 64-byte requests through
+data_received with a stub transport ("stub"), and served by uvloop on one end of a
+socketpair to a forked peer that sends a request and reads its reply, one at a time
+("uvloop", the server process's count only; the kernel's work is not counted). Each
+figure is the difference between a run of BASE + N requests and one of BASE, divided by
+N, with PYTHONHASHSEED=0.
 
     .venv/bin/python benchmarks/fast_path_instructions.py [--requests 20000]
 
@@ -13,8 +16,10 @@ A u32 request carries the same 64 bytes on the wire as a line: a 4-byte length, 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,40 +72,95 @@ def drive(kind: str, n: int) -> None:
     assert transport.last == REQUESTS[kind].upper() and conn.bytes_out == 64 * n
 
 
-def instructions(kind: str, n: int) -> int:
-    """Instructions valgrind counts for a whole interpreter that drives n requests."""
+def _peer(sock: socket.socket, request: bytes, n: int) -> None:
+    for _ in range(n):
+        sock.sendall(request)
+        got = b""
+        while len(got) < len(request):
+            got += sock.recv(4096)
+
+
+def serve(kind: str, n: int) -> None:
+    """Serve n requests from a forked peer on one uvloop connection."""
+    import uvloop
+
+    mine, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        mine.close()
+        _peer(theirs, REQUESTS[kind], n)
+        os._exit(0)
+    theirs.close()
+    base = Line if kind == "line" else U32
+    ledger = types.SimpleNamespace(max_line=65536, read_ahead=65536, stopping=False)
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        class Served(base):  # type: ignore[valid-type,misc]
+            __slots__ = ()
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self._transport = transport  # type: ignore[misc]  # a slot of the base
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                done.set_result(None)
+
+        def accepted() -> Served:
+            conn = Served()
+            conn._attach(ledger, ("127.0.0.1", 1), "tcp")
+            return conn
+
+        await asyncio.get_running_loop().connect_accepted_socket(accepted, mine)
+        await done
+
+    uvloop.install()
+    asyncio.run(main())
+    os.waitpid(pid, 0)
+
+
+def instructions(mode: str, kind: str, n: int) -> int:
+    """Instructions valgrind counts for a whole interpreter that handles n requests (the
+    forked peer reports its own count under its own pid)."""
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run(
             [
                 *("valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"),
-                *(sys.executable, __file__, "--drive", kind, str(n)),
+                *(sys.executable, __file__, "--" + mode, kind, str(n)),
             ],
             env={**os.environ, "PYTHONHASHSEED": "0"},
             capture_output=True,
             text=True,
             check=True,
         )
-    match = re.search(r"refs:\s*([\d,]+)", run.stderr)
-    assert match, run.stderr
-    return int(match.group(1).replace(",", ""))
+    pid = re.search(r"==(\d+)== Command:", run.stderr)
+    count = pid and re.search(rf"=={pid.group(1)}== I\s+refs:\s*([\d,]+)", run.stderr)
+    assert count, run.stderr
+    return int(count.group(1).replace(",", ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--drive", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--uvloop-requests", type=int, default=10000)
+    parser.add_argument("--stub", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--uvloop", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.drive:
-        drive(args.drive[0], int(args.drive[1]))
+    if args.stub:
+        drive(args.stub[0], int(args.stub[1]))
         return
-    per = {
-        kind: (instructions(kind, BASE + args.requests) - instructions(kind, BASE)) / args.requests
-        for kind in REQUESTS
-    }
-    print("| | instructions per request | vs line |")
-    print("|---|---:|---:|")
-    for kind, count in per.items():
-        print(f"| {kind} | {count:,.0f} | {count / per['line']:.3f}x |")
+    if args.uvloop:
+        serve(args.uvloop[0], int(args.uvloop[1]))
+        return
+    print("| path | server | instructions per request | vs line |")
+    print("|---|---|---:|---:|")
+    for mode, n in (("stub", args.requests), ("uvloop", args.uvloop_requests)):
+        per = {
+            kind: (instructions(mode, kind, BASE + n) - instructions(mode, kind, BASE)) / n
+            for kind in REQUESTS
+        }
+        for kind, count in per.items():
+            print(f"| {mode} | {kind} | {count:,.0f} | {count / per['line']:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ client being measured).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -875,3 +876,31 @@ if __name__ == "__main__":
         host, port, count, interval, duration = sys.argv[2:7]
         outcome = drip(host, int(port), int(count), float(interval), float(duration))
         print(json.dumps(outcome), flush=True)
+
+
+# -- sd_notify ---------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """The service manager's end of NOTIFY_SOCKET: a Unix datagram socket that also
+    receives each sender's pid (SO_PASSCRED), as systemd does."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(10)
+        self.env = {"NOTIFY_SOCKET": address}
+
+    def receive(self) -> tuple[dict[str, str], int]:
+        """The next message as a dict of its ``KEY=VALUE`` lines, and the sender's pid."""
+        creds = array.array("i", [0, 0, 0])  # struct ucred: pid, uid, gid
+        data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds.itemsize * 3))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                creds = array.array("i", payload[: creds.itemsize * 3])
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        return fields, creds[0]
+
+    def close(self) -> None:
+        self.sock.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    NotifySocket,
     ServerProcess,
     address_of,
     ask,
@@ -51,9 +52,16 @@ def app_dir(tmp_path: Path) -> Path:
 def test_a_worker_killed_by_a_signal_without_a_name_is_replaced(
     start_server: StartServer, app_dir: Path
 ) -> None:
-    server = start_server(
-        ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"], cwd=str(app_dir)
-    )
+    notify = NotifySocket(f"@sockserve-test-unnamed-{os.getpid()}")
+    with contextlib.closing(notify):
+        server = start_server(
+            ["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"],
+            cwd=str(app_dir),
+            env=notify.env,
+        )
+        # READY=1 once a worker has told the supervisor it serves: a worker that dies
+        # before any has is a failed start, not a crash to replace.
+        assert notify.receive()[0]["READY"] == "1"
     address = address_of(server.urls[0])
     wait_for(lambda: server.text.count("sockserve.server: listening on") == 2, server)
     victim = worker_pids(server)[0]

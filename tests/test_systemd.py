@@ -8,7 +8,6 @@ execs, its pid is the server's pid, so signals go straight to sockserve.
 
 from __future__ import annotations
 
-import array
 import os
 import re
 import signal
@@ -20,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LISTENING, ServerProcess, address_of, ask, read_line, require_program
+from helpers import (
+    LISTENING,
+    NotifySocket,
+    ServerProcess,
+    address_of,
+    ask,
+    read_line,
+    require_program,
+)
 
 Spawn = Callable[..., ServerProcess]
 StartServer = Callable[..., ServerProcess]
@@ -354,31 +361,6 @@ def test_bind_fd_that_is_not_a_socket_fails_in_one_line(kind: str) -> None:
 
 
 # -- sd_notify ---------------------------------------------------------------------------
-
-
-class NotifySocket:
-    """The service manager's end of NOTIFY_SOCKET: a Unix datagram socket that also
-    receives each sender's pid (SO_PASSCRED), as systemd does."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.settimeout(10)
-        self.env = {"NOTIFY_SOCKET": address}
-
-    def receive(self) -> tuple[dict[str, str], int]:
-        """The next message as a dict of its ``KEY=VALUE`` lines, and the sender's pid."""
-        creds = array.array("i", [0, 0, 0])  # struct ucred: pid, uid, gid
-        data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds.itemsize * 3))
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                creds = array.array("i", payload[: creds.itemsize * 3])
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-        return fields, creds[0]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

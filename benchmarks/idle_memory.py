@@ -31,13 +31,26 @@ from benchmarks.run import (
 )
 
 # Runs in the server's interpreter: tracemalloc on, then the server's own main module;
-# "snap PATH" on stdin writes a snapshot and answers "snapped".
+# "snap PATH" on stdin writes a snapshot and answers "snapped". A connection accepted is
+# not yet set up (its transport and handler are made on a later loop pass), so the
+# snapshot waits until the traced memory has stopped growing (for 10 s at most).
 BOOTSTRAP = """
-import gc, runpy, sys, threading, tracemalloc
+import gc, runpy, sys, threading, time, tracemalloc
 tracemalloc.start(int(sys.argv[1]))
+def settle():
+    deadline = time.monotonic() + 10
+    last = -1
+    while time.monotonic() < deadline:
+        gc.collect()
+        now = tracemalloc.get_traced_memory()[0]
+        if now <= last:
+            return
+        last = now
+        time.sleep(0.2)
 def control():
     for line in sys.stdin:
         if line.startswith("snap "):
+            settle()
             gc.collect()
             tracemalloc.take_snapshot().dump(line[5:].strip())
             print("snapped", flush=True)

@@ -546,6 +546,7 @@ class ServerProcess:
         stdin: int | None = subprocess.DEVNULL,
         stdout: int | None = subprocess.DEVNULL,
         pass_fds: Sequence[int] = (),
+        new_session: bool = False,
     ) -> None:
         self.urls: list[str] = []
         self.lines: list[str] = []
@@ -560,6 +561,7 @@ class ServerProcess:
             env=child_environment(env),
             cwd=cwd,
             pass_fds=pass_fds,
+            start_new_session=new_session,  # its own process group, for os.killpg
         )
         self._reader = threading.Thread(target=self._read, name="server-stderr")
         self._reader.start()

@@ -88,13 +88,16 @@ def test_a_handler_import_that_hangs_at_start_can_be_stopped(
     server = spawn(
         sockserve_argv(["run", "app:App", "--workers", "2", "--bind", "127.0.0.1:0"]),
         cwd=str(app_dir),
+        new_session=True,
     )
     server.read_until("importing app")
     (check,) = child_pids(server.pid)
-    if to in ("check", "both"):
+    if to == "check":
         os.kill(check, signum)
-    if to in ("supervisor", "both"):
+    elif to == "supervisor":
         server.signal(signum)
+    else:  # as Ctrl-C or a service manager's stop does: one signal to the whole group
+        os.killpg(server.pid, signum)
     started = time.monotonic()
     code = server.wait(timeout=10)
     assert time.monotonic() - started < 10

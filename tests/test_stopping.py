@@ -90,20 +90,25 @@ def test_a_second_ctrl_c_stops_at_once_even_when_the_stop_is_wedged(
     assert "stopping now" in server.text
 
 
-def test_a_stuck_blocking_handler_does_not_keep_the_process_alive(
-    start_server: StartServer, tmp_path: Path
-) -> None:
-    write_app(tmp_path)
-    server = start_server(
-        ["run", "app:Stuck", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"],
-        cwd=str(tmp_path),
-    )
+STUCK_ARGS = ["run", "app:Stuck", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"]
+
+
+def stop_while_stuck(server: ServerProcess) -> float:
+    """Get a handler stuck on a connection, then SIGTERM the server; when it was sent."""
     with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
         sock.sendall(b"x\n")
         assert read_line(sock) == b"stuck\n"
         server.signal(signal.SIGTERM)
-        started = time.monotonic()
-        assert wait_exit(server, timeout=20) == 0
+        return time.monotonic()
+
+
+def test_a_stuck_blocking_handler_does_not_keep_the_process_alive(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    write_app(tmp_path)
+    server = start_server(STUCK_ARGS, cwd=str(tmp_path))
+    started = stop_while_stuck(server)
+    assert wait_exit(server, timeout=20) == 0
     print(f"FIGURES stuck handler: exited {time.monotonic() - started:.2f} s after SIGTERM")
     assert "handler thread(s) still running past the graceful timeout" in server.text
 
@@ -113,15 +118,9 @@ def test_a_failure_with_a_stuck_blocking_handler_is_logged_and_exits_1(
 ) -> None:
     """The exit that does not wait for the stuck thread keeps the failure and its status."""
     write_app(tmp_path, FAILS_AFTER_THE_STOP)
-    server = start_server(
-        ["run", "app:Stuck", "--bind", "127.0.0.1:0", "--graceful-timeout", "0.5"],
-        cwd=str(tmp_path),
-    )
-    with socket.create_connection(address_of(server.urls[0]), timeout=5) as sock:
-        sock.sendall(b"x\n")
-        assert read_line(sock) == b"stuck\n"
-        server.signal(signal.SIGTERM)
-        assert wait_exit(server, timeout=20) == 1
+    server = start_server(STUCK_ARGS, cwd=str(tmp_path))
+    stop_while_stuck(server)
+    assert wait_exit(server, timeout=20) == 1
     assert "serving failed" in server.text
     assert "RuntimeError: failed after the stop" in server.text
 
